@@ -1,0 +1,324 @@
+"""The fake quantizer: what a quantized number is, in one module.
+
+``q(x) = s * clamp(round(x / s), n, p)`` with a straight-through estimator for ``round``.
+The integer view ``clamp(round(x / s), n, p)`` is computed here and nowhere else
+(:meth:`Quantizer.integer`): trackers, transition counters, freezing and export read it from here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qatlab.errors import ConfigError
+
+BITS = range(2, 9)
+GRIDS = ("full", "restricted")
+SCALE_POLICIES = ("lsq", "lsq+", "maxabs", "mse", "percentile", "minmax")
+INIT_METHODS = ("mse", "meanabs", "minmax", "percentile")
+GRANULARITIES = ("tensor", "channel")
+_EPS = 1e-8
+_MAX_SAMPLES = 1 << 20  # values kept per quantizer while calibrating
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is an integer in 2..8, else raise a one-line error."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ConfigError(f"bit width must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+def grid_range(bits: int, signed: bool, grid: str = "full") -> tuple[int, int]:
+    """Integer grid ``[n, p]``: signed full (-8..7 at 4 bit), restricted (-7..7), or unsigned."""
+    check_bits(bits)
+    if grid not in GRIDS:
+        raise ConfigError(f"grid must be one of {GRIDS}, got {grid!r}")
+    if not signed:
+        return 0, 2**bits - 1
+    p = 2 ** (bits - 1) - 1
+    return (-p if grid == "restricted" else -p - 1), p
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Fused LSQ fake quantization (per tensor or per channel) with LSQ's step-size gradient.
+
+    Forward is PyTorch's one-pass ``fake_quantize_*_cachemask`` kernel. Backward uses that mask:
+    ``dx = g * inside`` and ``ds = sum(g * (q - x/s))`` inside, ``sum(g * n|p)`` where clipped,
+    which agrees with ``torch._fake_quantize_learnable_*`` (whose in-range test is on the
+    rounded value).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, n: int, p: int, grad_scale: float) -> Tensor:
+        if step.dim() == 0:
+            zero = torch.zeros((), dtype=torch.int32, device=x.device)
+            one = torch.ones((), dtype=torch.long, device=x.device)
+            out, inside = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, step.reshape(1).float(), zero.reshape(1), one, n, p
+            )
+        else:
+            zero = torch.zeros(step.shape, dtype=torch.int32, device=x.device)
+            out, inside = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+                x, step.float(), zero, 0, n, p
+            )
+        ctx.save_for_backward(x, out, inside, step)
+        ctx.grad_scale = grad_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, out, inside, step = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            # q - x/s inside the range, q (= n or p) where clipped; times s: out - x or out.
+            diff = torch.where(inside, out - x, out)
+            if step.dim() == 0:
+                grad_step = torch.dot(grad.reshape(-1), diff.reshape(-1)) / step
+            else:
+                grad_step = (grad * diff).reshape(step.numel(), -1).sum(1) / step
+            grad_step = grad_step * ctx.grad_scale
+        return grad_x, grad_step, None, None, None
+
+
+def fake_quantize(x: Tensor, step: Tensor, n: int, p: int, grad_scale: float = 1.0) -> Tensor:
+    """``step * clamp(round(x / step), n, p)``; per channel (axis 0) when ``step`` is 1-D."""
+    return _FakeQuant.apply(x, step, n, p, grad_scale)
+
+
+def _channel_view(x: Tensor, per_channel: bool) -> Tensor:
+    """Rows = channels (axis 0) for per-channel statistics, one row otherwise."""
+    return x.detach().reshape(x.shape[0], -1) if per_channel else x.detach().reshape(1, -1)
+
+
+def mse_step(x: Tensor, n: int, p: int, per_channel: bool = False, candidates: int = 100) -> Tensor:
+    """Step size minimising ``sum (x - q(x))^2`` over clipping thresholds ``T_k = k/100 * max|x|``.
+
+    Nagel et al.'s search (100 candidates). Their code pads ``max|x|`` by 0.5; that makes the
+    candidates far too coarse for small weights, so we search ``(0, max|x|]`` (documented choice).
+    """
+    rows = _channel_view(x, per_channel).float()
+    absmax = rows.abs().amax(1).clamp_min(_EPS)  # [R]
+    best_err = torch.full_like(absmax, float("inf"))
+    best_step = absmax / p
+    fractions = torch.arange(1, candidates + 1, device=x.device, dtype=rows.dtype) / candidates
+    chunk = max(1, (1 << 24) // max(rows.numel(), 1))
+    for start in range(0, candidates, chunk):
+        steps = fractions[start : start + chunk, None] * absmax[None, :] / p  # [K, R]
+        s = steps[:, :, None]
+        err = ((rows[None] / s).round().clamp(n, p) * s - rows[None]).pow(2).sum(-1)  # [K, R]
+        k = err.argmin(0)
+        cand_err = err.gather(0, k[None]).squeeze(0)
+        better = cand_err < best_err
+        best_err = torch.where(better, cand_err, best_err)
+        best_step = torch.where(better, steps.gather(0, k[None]).squeeze(0), best_step)
+    return best_step if per_channel else best_step[0]
+
+
+def static_step(
+    x: Tensor, method: str, n: int, p: int, per_channel: bool = False, percentile: float = 99.99
+) -> Tensor:
+    """Step size of ``x`` by a calibration method: mse, meanabs (LSQ's), minmax, percentile."""
+    if method == "mse":
+        return mse_step(x, n, p, per_channel)
+    rows = _channel_view(x, per_channel).float().abs()
+    if method == "meanabs":
+        step = 2 * rows.mean(1) / math.sqrt(p)
+    elif method in ("minmax", "maxabs"):
+        step = rows.amax(1) / p
+    elif method == "percentile":
+        if rows.shape[1] > _MAX_SAMPLES:
+            idx = torch.randperm(rows.shape[1], device=rows.device)[:_MAX_SAMPLES]
+            rows = rows[:, idx]
+        step = torch.quantile(rows, percentile / 100.0, dim=1) / p
+    else:
+        raise ConfigError(f"unknown calibration method {method!r}; choose from {INIT_METHODS}")
+    step = step.clamp_min(_EPS)
+    return step if per_channel else step[0]
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes a tensor on a ``bits``-bit integer grid with a step size chosen by a policy.
+
+    Policies: ``lsq`` (learned step), ``lsq+`` (learned step and offset, unsigned grid),
+    ``maxabs`` (``max|x|/p`` every call), ``mse``/``percentile``/``minmax`` (calibrated once).
+    ``signed="auto"`` decides the sign from the first data seen (unsigned after a ReLU).
+    ``enabled=False`` makes it the identity; :meth:`set_bits` changes the bit width afterwards.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        *,
+        signed: bool | str = True,
+        grid: str = "full",
+        scale: str = "lsq",
+        init: str = "mse",
+        channels: int = 1,
+        grad_scale: bool = True,
+        percentile: float = 99.99,
+        role: str = "input",
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        if scale not in SCALE_POLICIES:
+            raise ConfigError(f"scale policy must be one of {SCALE_POLICIES}, got {scale!r}")
+        if init not in INIT_METHODS:
+            raise ConfigError(f"init must be one of {INIT_METHODS}, got {init!r}")
+        if grid not in GRIDS:
+            raise ConfigError(f"grid must be one of {GRIDS}, got {grid!r}")
+        if signed not in (True, False, "auto"):
+            raise ConfigError(f"signed must be true, false or 'auto', got {signed!r}")
+        self.bits = bits
+        self.signed = False if scale == "lsq+" else signed
+        self.grid = grid
+        self.policy = scale
+        self.init_method = init
+        self.per_channel = channels > 1
+        self.use_grad_scale = grad_scale
+        self.role = role  # "weight" or "input": only changes how LSQ's gradient scale counts
+        self.percentile = percentile
+        self.enabled = True
+        self.fixed_bits = False  # set for first/last layers pinned to 8 bits: set_bits skips them
+        self._observing = False
+        self._samples: list[Tensor] = []
+        shape = (channels,) if self.per_channel else ()
+        if scale in ("lsq", "lsq+"):
+            self.step = nn.Parameter(torch.ones(shape))
+        else:
+            self.register_buffer("step", torch.ones(shape))
+        if scale == "lsq+":
+            self.offset = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # ---------------------------------------------------------------- grid
+    @property
+    def grid_range(self) -> tuple[int, int]:
+        """The integer range ``(n, p)`` at the current bit width and sign."""
+        signed = True if self.signed == "auto" else self.signed
+        return grid_range(self.bits, signed, self.grid)
+
+    def set_bits(self, bits: int, rescale: bool = True) -> None:
+        """Change the bit width; ``rescale`` keeps the clipping range ``s * p`` fixed."""
+        check_bits(bits)
+        _, p_old = self.grid_range
+        self.bits = bits
+        _, p_new = self.grid_range
+        if rescale and self.policy != "maxabs" and bool(self.initialized):
+            with torch.no_grad():
+                self.step.mul_(p_old / p_new)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self._observing:
+            self._observe(x)
+            return x
+        if self.policy != "maxabs" and not bool(self.initialized):
+            self.initialize(x)
+        n, p = self.grid_range
+        step = self.current_step(x)
+        if self.policy == "lsq+":
+            return fake_quantize(x - self.offset, step, n, p, self._grad_scale(x, p)) + self.offset
+        grad_scale = self._grad_scale(x, p) if step.requires_grad else 1.0
+        return fake_quantize(x, step, n, p, grad_scale)
+
+    def current_step(self, x: Tensor | None = None) -> Tensor:
+        """The step size in use (``maxabs`` computes it from ``x``; never below 1e-8)."""
+        if self.policy == "maxabs":
+            if x is None:
+                raise ValueError("a maxabs quantizer needs the tensor to compute its step")
+            _, p = self.grid_range
+            return static_step(x, "maxabs", 0, p, self.per_channel).detach()
+        return self.step.clamp_min(_EPS)
+
+    def _grad_scale(self, x: Tensor, p: int) -> float:
+        """LSQ's ``1/sqrt(N * p)``: N = weights per step, or features per sample for inputs."""
+        if not self.use_grad_scale:
+            return 1.0
+        if self.role == "weight":
+            count = x.numel() // self.step.numel()
+        else:
+            count = x[0].numel() if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(count, 1) * p)
+
+    @torch.no_grad()
+    def integer(self, x: Tensor) -> Tensor:
+        """The integer tensor ``clamp(round(x / s), n, p)`` (``w_int``), without gradient."""
+        n, p = self.grid_range
+        step = self.current_step(x)
+        if self.per_channel:
+            step = step.reshape(-1, *([1] * (x.dim() - 1)))
+        if self.policy == "lsq+":
+            x = x - self.offset
+        return torch.clamp(torch.round(x * (1.0 / step)), n, p)
+
+    # ---------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set the step (and offset, sign) from a tensor: the weight, or a batch of activations."""
+        if self.signed == "auto":
+            self.signed = bool((x < 0).any())
+        if self.policy == "maxabs":
+            self.initialized.fill_(True)
+            return
+        n, p = self.grid_range
+        if self.policy == "lsq+":
+            lo, hi = x.min(), x.max()
+            self.step.fill_(float(((hi - lo) / p).clamp_min(_EPS)))
+            self.offset.fill_(float(lo))
+        else:
+            method = self.init_method if self.policy == "lsq" else self.policy
+            self.step.copy_(static_step(x, method, n, p, self.per_channel, self.percentile))
+        self.initialized.fill_(True)
+
+    def start_observing(self) -> None:
+        """Calibration mode: pass inputs through unchanged and keep a sample of them."""
+        self._observing, self._samples = True, []
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Leave calibration mode and initialise the step from everything observed."""
+        self._observing = False
+        if self._samples:
+            data = torch.cat(self._samples, dim=1 if self.per_channel else 0)
+            self.initialize(data)
+        self._samples = []
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        rows = x.detach().reshape(x.shape[0], -1) if self.per_channel else x.detach().reshape(-1)
+        total = (
+            sum(s.shape[-1] for s in self._samples)
+            if self.per_channel
+            else sum(s.numel() for s in self._samples)
+        )
+        budget = _MAX_SAMPLES - total
+        if budget <= 0:
+            return
+        size = rows.shape[-1]
+        if size > budget:
+            # keep the extremes (minmax needs them) plus a random subsample
+            idx = torch.randperm(size, device=x.device)[:budget]
+            extremes = torch.stack([rows.amin(-1), rows.amax(-1)], -1)
+            rows = torch.cat([rows[..., idx], extremes], -1)
+        self._samples.append(rows.clone())
+
+    # ---------------------------------------------------------------- state
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed, "fixed_bits": self.fixed_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits = state["bits"]
+        self.signed = state["signed"]
+        self.fixed_bits = state.get("fixed_bits", False)
+
+    def extra_repr(self) -> str:
+        n, p = self.grid_range
+        chan = f", channels={self.step.numel()}" if self.per_channel else ""
+        return (
+            f"bits={self.bits}, grid=[{n},{p}], policy={self.policy}{chan}, enabled={self.enabled}"
+        )
