@@ -1,0 +1,295 @@
+"""Weight oscillations in QAT (Nagel et al., ICML 2022): tracking, dampening, iterative freezing.
+
+All three read the integer weights from the quantizer (``layer.weight_int()``), run only in
+training steps (never in evaluation or BN re-estimation), and keep their state in buffers of
+an ``nn.Module`` so it travels with ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qatlab.quant.layers import QuantLayer, quant_layers
+from qatlab.quant.quantizer import Quantizer
+from qatlab.train.hooks import Hook
+
+AGGREGATIONS = ("kernel_mean", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------- schedules
+def cosine_ramp(progress: float, start: float = 0.25, peak: float = 1.0) -> float:
+    """0 until ``start`` (fraction of training), then a cosine ramp from 0 up to ``peak`` at 1."""
+    if progress <= start:
+        return 0.0
+    t = min(1.0, (progress - start) / max(1e-12, 1.0 - start))
+    return peak * 0.5 * (1.0 - math.cos(math.pi * t))
+
+
+def cosine_decay(progress: float, begin: float, end: float, start: float = 0.25) -> float:
+    """``inf`` until ``start`` (nothing passes), then a cosine from ``begin`` down to ``end``."""
+    if progress <= start:
+        return math.inf
+    t = min(1.0, (progress - start) / max(1e-12, 1.0 - start))
+    return end + (begin - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def aggregate(values: Tensor, how: str) -> Tensor:
+    """Reduce a per-weight tensor: ``kernel_mean`` (sum over output channels, mean over the
+    rest; the aggregation Nagel's ``lambda`` is tied to), ``mean`` or ``sum``."""
+    if how == "kernel_mean":
+        return values.reshape(values.shape[0], -1).mean(1).sum()
+    if how == "mean":
+        return values.mean()
+    if how == "sum":
+        return values.sum()
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
+
+
+def bin_distance(weight: Tensor, quantizer: Quantizer, aggregation: str = "kernel_mean") -> Tensor:
+    """``agg((sg[q(w)] - clamp(w, s*n, s*p))^2)`` with the step held constant.
+
+    Gradient: ``2 (w - q(w))`` (times the aggregation factor) for in-range weights, 0 for
+    clipped ones. Dampening adds it; the oscillation regularizer subtracts it (§3 of the spec:
+    its gradient is exactly the negative).
+    """
+    n, p = quantizer.grid_range
+    s = quantizer.current_step(weight).detach()
+    if s.dim() == 1:
+        s = s.reshape(-1, *([1] * (weight.dim() - 1)))
+    target = torch.clamp(torch.round(weight.detach() / s), n, p) * s
+    clamped = torch.maximum(torch.minimum(weight, s * p), s * n)
+    return aggregate((target - clamped).pow(2), aggregation)
+
+
+def tracked_layers(model: nn.Module, max_bits: int | None) -> list[tuple[str, QuantLayer]]:
+    """Quantized layers whose weights are at most ``max_bits`` (all non-pinned ones if None)."""
+    out = []
+    for name, layer in quant_layers(model):
+        q = layer.weight_quantizer
+        if (max_bits is None and not q.fixed_bits) or (max_bits is not None and q.bits <= max_bits):
+            out.append((name, layer))
+    return out
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__") or "root"
+
+
+# ----------------------------------------------------------------------------- tracking
+class OscillationTracker(nn.Module, Hook):
+    """Per-weight oscillation frequency in the integer domain, updated once per training step.
+
+    ``o_t = 1`` when the integer moves opposite to its last non-zero move; ``f = EMA(o)`` with
+    momentum ``m``. :meth:`stats` gives per-layer share of weights with ``f > threshold``,
+    mean ``f`` and a histogram.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.001,
+        threshold: float = 0.005,
+        max_bits: int | None = None,
+        log_every: int = 50,
+    ) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.threshold = threshold
+        self.log_every = log_every
+        self.layer_names = [name for name, _ in tracked_layers(model, max_bits)]
+        for name, layer in tracked_layers(model, max_bits):
+            k = _key(name)
+            w_int = layer.weight_int().to(torch.int8)
+            self.register_buffer(f"{k}__prev", w_int.clone())
+            self.register_buffer(f"{k}__dir", torch.zeros_like(w_int))
+            self.register_buffer(f"{k}__freq", torch.zeros(w_int.shape))
+            self.register_buffer(f"{k}__ema_int", w_int.float())
+            self.register_buffer(f"{k}__flips", torch.zeros(w_int.shape, dtype=torch.int32))
+
+    def buffer(self, name: str, kind: str) -> Tensor:
+        return getattr(self, f"{_key(name)}__{kind}")
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> dict[str, Tensor]:
+        """Record one training step; returns each layer's current integers."""
+        layers = dict(quant_layers(model))
+        current = {}
+        m = self.momentum
+        for name in self.layer_names:
+            w_int = layers[name].weight_int().to(torch.int8)
+            prev, last_dir = self.buffer(name, "prev"), self.buffer(name, "dir")
+            direction = torch.sign(w_int.to(torch.int16) - prev).to(torch.int8)
+            moved = direction != 0
+            osc = moved & (direction == -last_dir)
+            freq = self.buffer(name, "freq")
+            freq.mul_(1 - m).add_(osc.float(), alpha=m)
+            self.buffer(name, "ema_int").mul_(1 - m).add_(w_int.float(), alpha=m)
+            self.buffer(name, "flips").add_(osc.int())
+            last_dir.copy_(torch.where(moved, direction, last_dir))
+            prev.copy_(w_int)
+            current[name] = w_int
+        return current
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict | None:
+        self.update(model)
+        if self.log_every and (step + 1) % self.log_every == 0:
+            return {"osc_share": self.oscillating_share()}
+        return None
+
+    @torch.no_grad()
+    def oscillating_share(self, threshold: float | None = None) -> float:
+        """Fraction of all tracked weights whose frequency exceeds ``threshold``."""
+        th = self.threshold if threshold is None else threshold
+        total = sum(self.buffer(n, "freq").numel() for n in self.layer_names)
+        hits = sum(int((self.buffer(n, "freq") > th).sum()) for n in self.layer_names)
+        return hits / max(total, 1)
+
+    @torch.no_grad()
+    def stats(self, bins: int = 20) -> dict[str, dict]:
+        """Per layer: share above threshold, mean frequency, histogram of frequencies."""
+        out = {}
+        for name in self.layer_names:
+            f = self.buffer(name, "freq")
+            hist = torch.histc(f, bins=bins, min=0.0, max=max(float(f.max()), 1e-6))
+            out[name] = {
+                "share": float((f > self.threshold).float().mean()),
+                "mean_freq": float(f.mean()),
+                "hist": hist.tolist(),
+                "hist_max": float(f.max()),
+            }
+        return out
+
+    def frequencies(self) -> Tensor:
+        """All tracked frequencies as one flat tensor (for histograms)."""
+        return torch.cat([self.buffer(n, "freq").reshape(-1) for n in self.layer_names])
+
+
+# ----------------------------------------------------------------------------- dampening
+class OscillationDampening(Hook):
+    """Loss term ``lambda(t) * sum_layers agg((sg[q(w)] - clamp(w, s*n, s*p))^2)``.
+
+    Its gradient pulls each in-range latent weight toward its bin centre; clipped weights get
+    none. ``lambda`` is 0 for the first ``start`` of training, then a cosine ramp to
+    ``lambda_max``. The step size is held constant here (only weights feel this term).
+    """
+
+    def __init__(
+        self,
+        lambda_max: float = 0.1,
+        aggregation: str = "kernel_mean",
+        start: float = 0.25,
+        max_bits: int | None = None,
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.lambda_max = lambda_max
+        self.aggregation = aggregation
+        self.start = start
+        self.max_bits = max_bits
+
+    def weight(self, step: int, total_steps: int) -> float:
+        return cosine_ramp(step / max(total_steps, 1), self.start, self.lambda_max)
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """The un-weighted dampening sum over layers."""
+        terms = [
+            bin_distance(layer.weight, layer.weight_quantizer, self.aggregation)
+            for _, layer in tracked_layers(model, self.max_bits)
+        ]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def loss_term(self, model: nn.Module, step: int, total_steps: int) -> Tensor | None:
+        lam = self.weight(step, total_steps)
+        if lam == 0.0:
+            return None  # skip the work while the ramp is off
+        return lam * self.penalty(model)
+
+
+# ----------------------------------------------------------------------------- freezing
+class IterativeFreezing(OscillationTracker):
+    """Freeze a weight for good at ``round(ema_int)`` once its oscillation frequency exceeds a
+    threshold that is off for the first ``start`` of training, then a cosine from
+    ``threshold_start`` down to ``threshold_end`` (Nagel: 0.01 at 4 bit, 0.011 at 3 bit).
+
+    A frozen weight's latent value is written back as ``s * frozen_int`` after every step and
+    its task gradient is masked to zero, so its integer never changes again — through
+    checkpoints, inspection and export, which all read the latent weight.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.001,
+        threshold_start: float = 0.1,
+        threshold_end: float = 0.01,
+        start: float = 0.25,
+        max_bits: int = 4,
+        log_every: int = 50,
+    ) -> None:
+        super().__init__(model, momentum, threshold_end, max_bits, log_every)
+        self.threshold_start = threshold_start
+        self.threshold_end = threshold_end
+        self.start = start
+        for name in self.layer_names:
+            shape = self.buffer(name, "prev").shape
+            self.register_buffer(f"{_key(name)}__frozen", torch.zeros(shape, dtype=torch.bool))
+            self.register_buffer(f"{_key(name)}__frozen_int", torch.zeros(shape, dtype=torch.int8))
+        self._hooked: dict[str, object] = {}
+        self.attach(model)
+
+    def attach(self, model: nn.Module) -> None:
+        """(Re-)register the gradient masks on ``model``'s weights (after loading a checkpoint)."""
+        for handle in self._hooked.values():
+            handle.remove()
+        layers = dict(quant_layers(model))
+        for name in self.layer_names:
+            mask = self.buffer(name, "frozen")
+            self._hooked[name] = layers[name].weight.register_hook(
+                lambda g, mask=mask: g.masked_fill(mask, 0.0)
+            )
+
+    def threshold_at(self, step: int, total_steps: int) -> float:
+        return cosine_decay(
+            step / max(total_steps, 1), self.threshold_start, self.threshold_end, self.start
+        )
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict | None:
+        layers = dict(quant_layers(model))
+        self.write_back(layers)  # the optimizer may have moved frozen weights
+        self.update(model)
+        threshold = self.threshold_at(step, total_steps)
+        if math.isfinite(threshold):
+            for name in self.layer_names:
+                frozen = self.buffer(name, "frozen")
+                new = (self.buffer(name, "freq") > threshold) & ~frozen
+                if new.any():
+                    ema = self.buffer(name, "ema_int")
+                    self.buffer(name, "frozen_int")[new] = ema[new].round().to(torch.int8)
+                    frozen |= new
+            self.write_back(layers)
+        if self.log_every and (step + 1) % self.log_every == 0:
+            return {"osc_share": self.oscillating_share(), "frozen_share": self.frozen_share()}
+        return None
+
+    @torch.no_grad()
+    def write_back(self, layers: dict[str, QuantLayer]) -> None:
+        """Set every frozen latent weight to ``s * frozen_int`` at the current step size."""
+        for name in self.layer_names:
+            frozen = self.buffer(name, "frozen")
+            if not frozen.any():
+                continue
+            layer = layers[name]
+            s = layer.weight_quantizer.current_step(layer.weight)
+            if s.dim() == 1:
+                s = s.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+            value = self.buffer(name, "frozen_int").float() * s
+            layer.weight.data.copy_(torch.where(frozen, value, layer.weight.data))
+
+    @torch.no_grad()
+    def frozen_share(self) -> float:
+        total = sum(self.buffer(n, "frozen").numel() for n in self.layer_names)
+        return sum(int(self.buffer(n, "frozen").sum()) for n in self.layer_names) / max(total, 1)

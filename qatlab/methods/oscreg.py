@@ -1,0 +1,93 @@
+"""Oscillation regularization + PTQ (Wenshøj et al., TMLR 2025).
+
+Train in full precision with ``lambda * sum_layers mean(q(W)^2 - W^2)``, a term whose STE
+gradient ``2 (q(W) - W) / numel`` mimics the push QAT gives weights away from their bin centre,
+then quantize after training (round-to-nearest PTQ) at the target bit width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qatlab.methods.oscillation import bin_distance
+from qatlab.quant.layers import QuantLayer
+from qatlab.quant.quantizer import Quantizer
+from qatlab.train.hooks import Hook
+
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+class OscillationRegularizer(nn.Module, Hook):
+    """Loss term ``lambda * sum_layers mean(q(W)^2 - W^2)`` on a float (or quantized) model.
+
+    ``q`` is a max-abs quantizer on the restricted grid at ``target_bits`` (ternary at 2) by
+    default; ``grid="lsq"`` uses each layer's own LSQ weight quantizer instead (model must be
+    quantized). Computed in the gradient-equivalent form ``-mean((sg[q(W)] - W)^2)`` shared
+    with dampening: the same gradient as R under the STE, with the opposite sign of dampening.
+    Only Conv/Linear weights that ran in the last forward pass are regularized (norm layers
+    and unused layers never are), and only in training mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_bits: int = 3,
+        lam: float = 1.0,
+        grid: str = "restricted",
+        only_used: bool = True,
+    ) -> None:
+        super().__init__()
+        self.lam = lam
+        self.grid = grid
+        self.target_bits = target_bits
+        self.only_used = only_used
+        self.layers: dict[str, nn.Module] = {
+            name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)
+        }
+        self.quantizers = nn.ModuleDict()
+        for name, layer in self.layers.items():
+            if grid == "lsq":
+                if not isinstance(layer, QuantLayer):
+                    raise ValueError("grid='lsq' needs a quantized model (qatlab.quantize)")
+                continue
+            self.quantizers[name.replace(".", "__")] = Quantizer(
+                target_bits, signed=True, grid=grid, scale="maxabs", role="weight"
+            )
+        self._used: set[str] = set()
+        self._handles = [
+            layer.register_forward_pre_hook(lambda mod, inp, name=name: self._used.add(name))
+            for name, layer in self.layers.items()
+        ]
+
+    def quantizer(self, name: str) -> Quantizer:
+        if self.grid == "lsq":
+            return self.layers[name].weight_quantizer
+        return self.quantizers[name.replace(".", "__")]
+
+    def penalty(self, names: list[str] | None = None) -> Tensor:
+        """``sum_layers -mean((sg[q(W)] - W)^2)`` over ``names`` (default: all layers)."""
+        names = list(self.layers) if names is None else names
+        terms = [-bin_distance(self.layers[n].weight, self.quantizer(n), "mean") for n in names]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    @torch.no_grad()
+    def value(self) -> float:
+        """R itself, ``sum_layers mean(q(W)^2 - W^2)``, for logging."""
+        total = 0.0
+        for name, layer in self.layers.items():
+            q = self.quantizer(name)
+            w = layer.weight
+            s = q.current_step(w)
+            if s.dim() == 1:
+                s = s.reshape(-1, *([1] * (w.dim() - 1)))
+            total += float((q.integer(w) * s).pow(2).mean() - w.pow(2).mean())
+        return total
+
+    def loss_term(self, model: nn.Module, step: int, total_steps: int) -> Tensor | None:
+        if not model.training or self.lam == 0:
+            self._used.clear()
+            return None
+        names = [n for n in self.layers if n in self._used] if self.only_used else None
+        self._used.clear()
+        return self.lam * self.penalty(names)
