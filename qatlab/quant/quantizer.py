@@ -42,45 +42,51 @@ def grid_range(bits: int, signed: bool, grid: str = "full") -> tuple[int, int]:
 
 
 class _FakeQuant(torch.autograd.Function):
-    """Fused LSQ fake quantization (per tensor or per channel) with LSQ's step-size gradient.
+    """LSQ fake quantization (per tensor, or per channel along axis 0) with LSQ's gradients.
 
-    Forward is PyTorch's one-pass ``fake_quantize_*_cachemask`` kernel. Backward uses that mask:
-    ``dx = g * inside`` and ``ds = sum(g * (q - x/s))`` inside, ``sum(g * n|p)`` where clipped,
-    which agrees with ``torch._fake_quantize_learnable_*`` (whose in-range test is on the
-    rounded value).
+    ``dx = g * inside`` and ``ds = sum(g * (q - x/s))`` inside the range, ``sum(g * q)`` where
+    clipped (q = n or p), as ``torch._fake_quantize_learnable_*`` defines them (its in-range
+    test is on the rounded value). Only ``x`` is saved; backward recomputes the rest in a few
+    vectorised passes with two fresh buffers: PyTorch's own fused kernels are several times
+    slower on CPU, and every fresh large buffer costs page faults.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, n: int, p: int, grad_scale: float) -> Tensor:
-        if step.dim() == 0:
-            zero = torch.zeros((), dtype=torch.int32, device=x.device)
-            one = torch.ones((), dtype=torch.long, device=x.device)
-            out, inside = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-                x, step.reshape(1).float(), zero.reshape(1), one, n, p
-            )
-        else:
-            zero = torch.zeros(step.shape, dtype=torch.int32, device=x.device)
-            out, inside = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
-                x, step.float(), zero, 0, n, p
-            )
-        ctx.save_for_backward(x, out, inside, step)
-        ctx.grad_scale = grad_scale
+        s = _broadcast(step, x)
+        out = torch.mul(x, 1.0 / s)
+        out.round_().clamp_(n, p).mul_(s)
+        ctx.save_for_backward(x, step)
+        ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, out, inside, step = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        x, step = ctx.saved_tensors
+        n, p = ctx.n, ctx.p
+        s = _broadcast(step, x)
+        scaled = torch.mul(x, 1.0 / s)
+        # inside <=> n <= round(x/s) <= p <=> n - 0.5 < x/s < p + 0.5 (exact ties aside)
+        grad_x = torch.ops.aten.hardtanh_backward(grad, scaled, n - 0.5, p + 0.5)
         grad_step = None
         if ctx.needs_input_grad[1]:
-            # q - x/s inside the range, q (= n or p) where clipped; times s: out - x or out.
-            diff = torch.where(inside, out - x, out)
+            # sum g*(q - x/s) inside + g*q outside  ==  sum g*q - sum (g*inside)*(x/s)
             if step.dim() == 0:
-                grad_step = torch.dot(grad.reshape(-1), diff.reshape(-1)) / step
+                inner = torch.dot(grad_x.reshape(-1), scaled.reshape(-1))
+                levels = scaled.round_().clamp_(n, p)
+                grad_step = torch.dot(grad.reshape(-1), levels.reshape(-1)) - inner
             else:
-                grad_step = (grad * diff).reshape(step.numel(), -1).sum(1) / step
+                rows = step.numel()
+                inner = (grad_x * scaled).reshape(rows, -1).sum(1)
+                levels = scaled.round_().clamp_(n, p)
+                grad_step = (grad * levels).reshape(rows, -1).sum(1) - inner
             grad_step = grad_step * ctx.grad_scale
-        return grad_x, grad_step, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+
+
+def _broadcast(step: Tensor, x: Tensor) -> Tensor:
+    """A per-channel step as ``[C, 1, 1, ...]`` so it broadcasts along axis 0 of ``x``."""
+    return step if step.dim() == 0 else step.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def fake_quantize(x: Tensor, step: Tensor, n: int, p: int, grad_scale: float = 1.0) -> Tensor:
