@@ -377,3 +377,15 @@ def test_reestimate_bn_recovers_true_statistics():
     assert torch.allclose(bn.running_var, per_batch_var, atol=1e-3)
     assert report["1"]["mean"] > 0.1  # the defaults (0, 1) were far off
     assert model.training and bn.momentum == 0.1  # state restored
+
+
+def test_dequantize_returns_float_layers_with_latent_weights():
+    model = _net().eval()
+    q = qatlab.quantize(model, qatlab.QuantConfig(weight_bits=2, act_bits=2))
+    back = qatlab.quant.dequantize(q).eval()
+    assert not qatlab.quant.is_quantized(back)
+    assert type(back[3]) is nn.Conv2d and type(back[7]) is nn.Linear
+    assert not any(isinstance(m, Quantizer) for m in back.modules())
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(back(x), model(x))
+    assert qatlab.quant.is_quantized(q)  # the input is untouched

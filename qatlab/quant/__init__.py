@@ -13,7 +13,7 @@ from qatlab.quant.layers import (
     quant_layers,
     quantizers,
 )
-from qatlab.quant.quantize import quantization_disabled, quantize, set_bits
+from qatlab.quant.quantize import dequantize, quantization_disabled, quantize, set_bits
 from qatlab.quant.quantizer import Quantizer, fake_quantize, grid_range
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Quantizer",
     "batch_inputs",
     "calibrate",
+    "dequantize",
     "fake_quantize",
     "grid_range",
     "inspect",

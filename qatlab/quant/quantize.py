@@ -142,3 +142,31 @@ def quantization_disabled(
     finally:
         for q, state in zip(chosen, before, strict=True):
             q.enabled = state
+
+
+def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A float model with the same latent weights: every quantized layer back to its float class.
+
+    Frozen or trained weights are kept as they are; quantizers are dropped. Used to post-train
+    quantize a QAT model at other bit widths, and to compare against its float self.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    quant_to_float = {v: k for k, v in FLOAT_TO_QUANT.items()}
+    if isinstance(model, QuantLayer):
+        return _to_float(model, quant_to_float)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _to_float(layer, quant_to_float))
+    return model
+
+
+def _to_float(layer: nn.Module, quant_to_float: dict) -> nn.Module:
+    cls = quant_to_float[type(layer)]
+    new = cls.__new__(cls)
+    new.__dict__.update(layer.__dict__)
+    new._modules = {k: v for k, v in layer._modules.items() if not isinstance(v, Quantizer)}
+    new._parameters = dict(layer._parameters)
+    new._buffers = dict(layer._buffers)
+    new.__dict__.pop("input_quantizer", None)
+    return new
