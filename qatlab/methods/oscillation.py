@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qatlab.methods import register_method
 from qatlab.quant.layers import QuantLayer, quant_layers
 from qatlab.quant.quantizer import Quantizer
 from qatlab.train.hooks import Hook
@@ -91,7 +92,7 @@ class OscillationTracker(nn.Module, Hook):
         self,
         model: nn.Module,
         momentum: float = 0.001,
-        threshold: float = 0.005,
+        threshold: float = 0.01,
         max_bits: int | None = None,
         log_every: int = 50,
     ) -> None:
@@ -293,3 +294,62 @@ class IterativeFreezing(OscillationTracker):
     def frozen_share(self) -> float:
         total = sum(self.buffer(n, "frozen").numel() for n in self.layer_names)
         return sum(int(self.buffer(n, "frozen").sum()) for n in self.layer_names) / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- registry
+@register_method(
+    "track",
+    options={"momentum": 0.001, "threshold": 0.01, "log_every": 50},
+    needs_quant=True,
+)
+def _track(model, quant, total_steps, momentum, threshold, log_every) -> list[Hook]:
+    """Plain QAT plus an oscillation tracker (the LSQ baseline of the oscillation study)."""
+    return [OscillationTracker(model, momentum, threshold, log_every=log_every)]
+
+
+@register_method(
+    "dampen",
+    options={
+        "lambda_max": 0.1,
+        "aggregation": "kernel_mean",
+        "start": 0.25,
+        "momentum": 0.001,
+        "threshold": 0.01,
+        "log_every": 50,
+    },
+    aliases={"lambda": "lambda_max"},
+    needs_quant=True,
+)
+def _dampen(
+    model, quant, total_steps, lambda_max, aggregation, start, momentum, threshold, log_every
+) -> list[Hook]:
+    """QAT with oscillation dampening (and a tracker, to report what it did)."""
+    return [
+        OscillationDampening(lambda_max, aggregation, start),
+        OscillationTracker(model, momentum, threshold, log_every=log_every),
+    ]
+
+
+@register_method(
+    "freeze",
+    options={
+        "momentum": 0.001,
+        "threshold_start": 0.1,
+        "threshold_end": 0.0,  # 0: Nagel's 0.011 at 3 bits, else 0.01
+        "start": 0.25,
+        "max_bits": 4,
+        "log_every": 50,
+    },
+    needs_quant=True,
+)
+def _freeze(
+    model, quant, total_steps, momentum, threshold_start, threshold_end, start, max_bits, log_every
+) -> list[Hook]:
+    """QAT with iterative weight freezing (its tracker is built in)."""
+    if not threshold_end:
+        threshold_end = 0.011 if quant is not None and quant.weight_bits == 3 else 0.01
+    return [
+        IterativeFreezing(
+            model, momentum, threshold_start, threshold_end, start, max_bits, log_every
+        )
+    ]

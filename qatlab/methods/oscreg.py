@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qatlab.measure.crossbit import PTQAccuracy
+from qatlab.methods import register_method
 from qatlab.methods.oscillation import bin_distance
 from qatlab.quant.layers import QuantLayer
 from qatlab.quant.quantizer import Quantizer
@@ -91,3 +93,15 @@ class OscillationRegularizer(nn.Module, Hook):
         names = [n for n in self.layers if n in self._used] if self.only_used else None
         self._used.clear()
         return self.lam * self.penalty(names)
+
+
+@register_method(
+    "oscreg",
+    options={"target_bits": 3, "lam": 1.0, "grid": "restricted"},
+    aliases={"lambda": "lam", "lambda_": "lam"},
+    needs_quant=False,
+)
+def _oscreg(model, quant, total_steps, target_bits, lam, grid) -> list[Hook]:
+    """Float training with the oscillation regularizer; logs PTQ accuracy at the target bits
+    (``val_ptq{b}_acc``, the paper's early-stopping metric)."""
+    return [OscillationRegularizer(model, target_bits, lam, grid), PTQAccuracy(target_bits)]
