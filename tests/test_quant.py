@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -357,7 +358,7 @@ def test_calibrate_sets_activation_steps_from_data():
     qatlab.calibrate(q, [(x, torch.zeros(8))])
     layer = dict(quant_layers(q))["3"]
     with torch.no_grad():
-        h = q.eval()[2](q[1](q[0](x)))  # calibration runs in eval mode
+        h = copy.deepcopy(q).train()[:3](x)  # a fresh BN calibrates on batch statistics
     _, p = layer.input_quantizer.grid_range
     assert layer.input_quantizer.grid_range[0] == 0  # post-ReLU: unsigned
     assert torch.isclose(layer.input_quantizer.step, h.max() / p, rtol=1e-5)
@@ -389,3 +390,23 @@ def test_dequantize_returns_float_layers_with_latent_weights():
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(back(x), model(x))
     assert qatlab.quant.is_quantized(q)  # the input is untouched
+
+
+def test_calibrate_uses_batch_statistics_for_untrained_batchnorm():
+    """A fresh net's BN (running stats 0/1) must not shrink activations during calibration."""
+    torch.manual_seed(5)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *layers, nn.Flatten(), nn.Linear(512, 4))
+    q = qatlab.quantize(model, qatlab.QuantConfig())
+    x = torch.randn(16, 3, 8, 8)
+    qatlab.calibrate(q, [x])
+    bns = [m for m in q.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(m.num_batches_tracked) == 0 for m in bns)
+    q.train()
+    q(x).sum().backward()
+    first = dict(quant_layers(q))["1"]
+    assert first.weight.grad.abs().sum() > 0  # gradient reaches the early convs
+    last = dict(quant_layers(q))["20"]
+    assert last.input_quantizer.step > 1e-3  # not collapsed to clip everything

@@ -30,11 +30,24 @@ def calibrate(
     """Initialise every quantizer from data: inputs from ``batches``, weights from themselves.
 
     Runs the model in eval mode with all quantizers passing values through (float statistics),
-    then sets each step by its policy (``lsq`` uses its ``init`` method). Meant for a freshly
-    quantized model; a trained one keeps its learned steps unless calibrated again.
+    then sets each step by its policy (``lsq`` uses its ``init`` method). BatchNorm layers that
+    never saw data (a freshly initialised net) use batch statistics, as training will, and keep
+    their running statistics untouched: eval-mode BN with its initial (0, 1) statistics would
+    shrink activations layer by layer and give steps that clip almost everything.
+    Meant for a freshly quantized model; a trained one keeps its learned steps unless
+    calibrated again.
     """
     was_training = qmodel.training
     qmodel.eval()
+    fresh_bn = [
+        (m, {k: v.clone() for k, v in m.state_dict().items()})
+        for m in qmodel.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and int(m.num_batches_tracked) == 0
+    ]
+    for m, _ in fresh_bn:
+        m.train()
     device = _device(qmodel)
     acts = [q for _, q in quantizers(qmodel) if q.role != "weight"]
     for q in acts:
@@ -45,6 +58,8 @@ def calibrate(
     finally:
         for q in acts:
             q.finish_observing()
+        for m, state in fresh_bn:
+            m.load_state_dict(state)
     if weights:
         for _, layer in quant_layers(qmodel):
             layer.weight_quantizer.initialize(layer.weight.detach())

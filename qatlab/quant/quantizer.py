@@ -198,6 +198,7 @@ class Quantizer(nn.Module):
         if scale == "lsq+":
             self.offset = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready: bool | None = False  # Python mirror of ``initialized`` (no GPU sync)
 
     # ---------------------------------------------------------------- grid
     @property
@@ -223,7 +224,9 @@ class Quantizer(nn.Module):
         if self._observing:
             self._observe(x)
             return x
-        if self.policy != "maxabs" and not bool(self.initialized):
+        if self._ready is None:  # just loaded from a state dict
+            self._ready = bool(self.initialized)
+        if self.policy != "maxabs" and not self._ready:
             self.initialize(x)
         n, p = self.grid_range
         step = self.current_step(x)
@@ -270,6 +273,7 @@ class Quantizer(nn.Module):
             self.signed = bool((x < 0).any())
         if self.policy == "maxabs":
             self.initialized.fill_(True)
+            self._ready = True
             return
         n, p = self.grid_range
         if self.policy == "lsq+":
@@ -280,6 +284,7 @@ class Quantizer(nn.Module):
             method = self.init_method if self.policy == "lsq" else self.policy
             self.step.copy_(static_step(x, method, n, p, self.per_channel, self.percentile))
         self.initialized.fill_(True)
+        self._ready = True
 
     def start_observing(self) -> None:
         """Calibration mode: pass inputs through unchanged and keep a sample of them."""
@@ -321,6 +326,7 @@ class Quantizer(nn.Module):
         self.bits = state["bits"]
         self.signed = state["signed"]
         self.fixed_bits = state.get("fixed_bits", False)
+        self._ready = None  # re-read ``initialized`` (loaded alongside) on the next forward
 
     def extra_repr(self) -> str:
         n, p = self.grid_range
