@@ -274,8 +274,11 @@ def test_unsupported_layers_are_named_in_one_warning():
 def test_disabled_quantization_reproduces_float_model(name, shape):
     models = pytest.importorskip("qatlab.models")
     torch.manual_seed(0)
-    model = models.create(name, num_classes=10, input_shape=shape).eval()
+    model = models.create(name, num_classes=10, input_shape=shape)
     x = torch.randn(3, *shape)
+    with torch.no_grad():
+        model.train()(torch.randn(16, *shape))  # give BatchNorm real running statistics
+    model.eval()
     q = qatlab.quantize(model, qatlab.QuantConfig(weight_bits=2, act_bits=2)).eval()
     qatlab.calibrate(q, [x])
     assert sum(1 for _ in quant_layers(q)) >= 5

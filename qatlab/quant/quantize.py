@@ -15,6 +15,16 @@ from qatlab.quant.layers import FLOAT_TO_QUANT, QuantLayer, quantizers
 from qatlab.quant.quantizer import Quantizer, check_bits
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+# layers that hold weight matrices; any of these that quantize() cannot swap is reported
+_WEIGHT_LAYER_TYPES = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.RNNBase,
+)
 
 
 def quantize(
@@ -94,7 +104,7 @@ def _warn_unsupported(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, (Quantizer, QuantLayer, *_NORM_TYPES)) or type(m) in FLOAT_TO_QUANT:
             continue
-        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+        if isinstance(m, _WEIGHT_LAYER_TYPES):
             names.append(f"{name or '<root>'} ({type(m).__name__})")
     if names:
         warnings.warn(

@@ -1,0 +1,42 @@
+"""``mlp5`` (5 linear layers, any input shape) and ``cnn1d`` (small conv net for signals)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from qatlab.errors import ConfigError
+from qatlab.models.registry import register
+
+
+@register("mlp5")
+def mlp5(num_classes: int, input_shape: tuple[int, ...], width: int = 128) -> nn.Module:
+    """Flatten, then 4 hidden ReLU layers of ``width`` and a linear classifier."""
+    dims = [math.prod(input_shape)] + [width] * 4
+    body: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(dims, dims[1:], strict=False):
+        body += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*body, nn.Linear(width, num_classes))
+
+
+@register("cnn1d")
+def cnn1d(num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> nn.Module:
+    """Three Conv1d-BN-ReLU blocks (the middle one strided), global pool, linear."""
+    if len(input_shape) != 2:
+        raise ConfigError(f"model cnn1d needs 1-D inputs (C, L), got {tuple(input_shape)}")
+    c = input_shape[0]
+    return nn.Sequential(
+        nn.Conv1d(c, width, 5, padding=2, bias=False),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Conv1d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm1d(2 * width),
+        nn.ReLU(),
+        nn.Conv1d(2 * width, 2 * width, 3, padding=1, bias=False),
+        nn.BatchNorm1d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
