@@ -246,10 +246,9 @@ class IterativeFreezing(OscillationTracker):
         for handle in self._hooked.values():
             handle.remove()
         layers = dict(quant_layers(model))
-        for name in self.layer_names:
-            mask = self.buffer(name, "frozen")
+        for name in self.layer_names:  # look the mask up at call time: buffers may move
             self._hooked[name] = layers[name].weight.register_hook(
-                lambda g, mask=mask: g.masked_fill(mask, 0.0)
+                lambda g, name=name: g.masked_fill(self.buffer(name, "frozen"), 0.0)
             )
 
     def threshold_at(self, step: int, total_steps: int) -> float:

@@ -1,0 +1,409 @@
+"""Run configuration: dataclasses validated at the boundary, loaded from YAML plus overrides.
+
+A run is described by one :class:`RunConfig`; its YAML form is the same nesting::
+
+    name: mnist1d-cnn1d-w4a4
+    data: {name: mnist1d, num_samples: 4000}
+    model: {name: cnn1d}            # any other key is a model keyword argument
+    quant: {weight_bits: 4, act_bits: 4}   # null (or absent) = float training
+    train: {epochs: 10, lr: 0.001}
+    method: {name: qat}             # any other key is a method option
+
+Command-line overrides (``--set train.lr=0.01``) are applied to the plain dict before
+validation, so a typo anywhere gets the same one-line error with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qatlab.errors import ConfigError
+from qatlab.quant.config import QuantConfig
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Which dataset and how to split it (arguments of :func:`qatlab.data.load`)."""
+
+    name: str = "mnist1d"
+    data_dir: str | None = None
+    val_fraction: float = 0.1
+    seed: int = 0  # the train/val split; kept apart from train.seed so seeds share one split
+    augment: bool = True
+    num_samples: int | None = None
+    cache_dir: str | None = None
+    image_size: int = 64  # imagefolder: images are resized to this
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
+        return _section(cls, data, "data").validate()
+
+    def validate(self) -> DataConfig:
+        from qatlab import data
+
+        _choice("data.name", self.name, data.DATASETS)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_samples is not None and self.num_samples < 10:
+            raise ConfigError(f"data.num_samples must be at least 10, got {self.num_samples}")
+        return self
+
+
+@dataclass
+class ModelConfig:
+    """A registry model: its name and keyword arguments for :func:`qatlab.models.create`."""
+
+    name: str = "cnn1d"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> ModelConfig:
+        from qatlab import models
+
+        _choice("model.name", self.name, tuple(models.list_models()))
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(_mapping(data, "model"))
+        return cls(name=_typed(data.pop("name", cls.name), str, "model.name"), kwargs=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.kwargs}
+
+
+@dataclass
+class MethodConfig:
+    """A training method from :mod:`qatlab.methods`: its name and options.
+
+    ``name="auto"`` resolves to ``float`` for a float run and ``qat`` for a quantized one.
+    """
+
+    name: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, quantized: bool) -> MethodConfig:
+        from qatlab import methods
+
+        if self.name == "auto":
+            self.name = "qat" if quantized else "float"
+        self.options = methods.check_options(self)
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        data = dict(_mapping(data, "method"))
+        return cls(name=_typed(data.pop("name", cls.name), str, "method.name"), options=data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`qatlab.train.fit` trains: optimizer, schedule, evaluation, early stopping."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False
+    weight_decay: float = 0.0  # never applied to quantizer step sizes
+    # quantizer step sizes train apart from the weights, as in Nagel et al.'s released set-up:
+    # Adam at 1e-5. (Adam at the weights' LR moves a step by ~lr per update whatever its size,
+    # which can collapse small steps in a few updates.) None = same optimizer / LR as weights.
+    quant_optimizer: str | None = "adam"
+    quant_lr: float | None = 1e-5
+    schedule: str = "cosine"  # cosine | constant, a function of the step over all steps
+    schedule_per: str = "step"  # "step" or "epoch": when the cosine moves
+    min_lr: float = 0.0  # as a fraction of the initial LR
+    early_stop_metric: str = "val_acc"  # also picks best.pt; any logged eval metric
+    early_stop_mode: str = "auto"  # max | min | auto (min if the name ends in "loss")
+    patience: int | None = None  # epochs without improvement before stopping; None = never
+    restore_best: bool = True  # end with the best weights (by early_stop_metric)
+    bn_reestimate: bool = False  # re-estimate BN stats on un-augmented train batches before eval
+    bn_batches: int = 50
+    calib_batches: int = 2  # training batches that initialise activation step sizes
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 0  # also log train loss/LR every N steps (0 = per epoch only)
+    progress: bool = True  # tqdm bar (shown only when stderr is a terminal)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _section(cls, data, "train").validate()
+
+    def validate(self) -> TrainConfig:
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if self.quant_optimizer is not None:
+            _choice("train.quant_optimizer", self.quant_optimizer, OPTIMIZERS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.schedule_per", self.schedule_per, ("step", "epoch"))
+        _choice("train.early_stop_mode", self.early_stop_mode, ("auto", "max", "min"))
+        _choice("train.device", self.device, DEVICES)
+        for name in ("epochs", "batch_size", "eval_batch_size", "bn_batches"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("lr", "quant_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"train.{name} must be > 0, got {value}")
+        for name in ("weight_decay", "momentum", "min_lr", "calib_batches", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.patience is not None:
+            _positive("train.patience", self.patience)
+        return self
+
+    @property
+    def mode(self) -> str:
+        """``max`` or ``min``: the direction in which ``early_stop_metric`` improves."""
+        if self.early_stop_mode != "auto":
+            return self.early_stop_mode
+        return "min" if self.early_stop_metric.endswith("loss") else "max"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run; saved as ``runs/<name>/config.yaml``."""
+
+    name: str = ""  # empty: derived from dataset, model, method, bits and seed
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig | None = None  # None = float training
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    init_from: str | None = None  # checkpoint whose weights start this run (e.g. float -> QAT)
+
+    def validate(self) -> RunConfig:
+        self.data.validate()
+        self.model.validate()
+        if self.quant is not None:
+            self.quant.validate()
+        self.train.validate()
+        self.method.validate(quantized=self.quant is not None)
+        if not self.name:
+            self.name = self.default_name()
+        if "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run name must be a plain folder name, got {self.name!r}")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise ConfigError(f"--init-from: no checkpoint file at {self.init_from}")
+        return self
+
+    def default_name(self) -> str:
+        bits = "float" if self.quant is None else self.quant.describe().lower()
+        return f"{self.data.name}-{self.model.name}-{self.method.name}-{bits}-s{self.train.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build and validate from a plain (YAML) dict; every error is one ConfigError line."""
+        data = dict(_mapping(data, "config"))
+        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "the config")
+        quant = data.get("quant")
+        return cls(
+            name=_typed(data.get("name", ""), str, "name") or "",
+            out_dir=_typed(data.get("out_dir", "runs"), str, "out_dir"),
+            data=_section(DataConfig, data.get("data"), "data"),
+            model=ModelConfig.from_dict(data.get("model") or {}),
+            quant=None if quant is None else QuantConfig.from_dict(_quant_dict(quant)),
+            train=_section(TrainConfig, data.get("train"), "train"),
+            method=MethodConfig.from_dict(data.get("method") or {}),
+            init_from=_typed(data.get("init_from"), str | None, "init_from"),
+        ).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "out_dir": self.out_dir,
+            "data": dataclasses.asdict(self.data),
+            "model": self.model.to_dict(),
+            "quant": None if self.quant is None else self.quant.to_dict(),
+            "train": dataclasses.asdict(self.train),
+            "method": self.method.to_dict(),
+            "init_from": self.init_from,
+        }
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """A validated :class:`RunConfig` from ``base`` (dict), then a YAML file, then overrides.
+
+    Later sources win. Each override is ``dotted.key=value`` with a YAML value
+    (``train.lr=0.01``, ``quant=null``, ``quant.skip=[fc1]``).
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = merge(data, read_yaml(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return RunConfig.from_dict(data)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a syntax error is a one-line ConfigError."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    return _mapping(data, f"config file {path}")
+
+
+def write_yaml(data: dict[str, Any], path: str | Path) -> None:
+    """Write ``data`` as YAML atomically (temp file + rename)."""
+    import yaml
+
+    from qatlab.train.metrics import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.01"`` -> ``("train.lr", 0.01)``; the value is parsed as YAML."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. train.lr=0.01), got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"``, creating sections on the way."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"cannot set {key}: {where} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values of ``other`` win, ``None`` replaces a section."""
+    out = dict(base)
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- checking
+def _section(cls: type, data: Any, name: str):
+    data = _mapping(data or {}, name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(data, list(fields), name)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(v, hints[k], f"{name}.{k}") for k, v in data.items()})
+
+
+def _quant_dict(data: Any) -> dict[str, Any]:
+    data = dict(_mapping(data, "quant"))
+    hints = typing.get_type_hints(QuantConfig)
+    for key, value in data.items():
+        if key in hints and key != "skip":
+            data[key] = _typed(value, hints[key], f"quant.{key}")
+    if isinstance(data.get("skip"), list):
+        data["skip"] = tuple(data["skip"])
+    return data
+
+
+def _check_keys(data: dict[str, Any], names: list[str], where: str) -> None:
+    for key in data:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            tip = f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{key}' in {where}{tip}")
+
+
+def _mapping(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _typed(value: Any, tp: Any, name: str) -> Any:
+    """Return ``value`` if it fits type ``tp`` (ints pass as floats; "1e-3" becomes 1e-3)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, arg, name)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    origin = typing.get_origin(tp) or tp
+    if origin is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    ok = isinstance(value, origin) and not (origin is int and isinstance(value, bool))
+    if tp is Any or ok:
+        return value
+    want = getattr(origin, "__name__", str(origin))
+    raise ConfigError(f"{name} must be {_article(want)}, got {value!r}")
+
+
+def _article(word: str) -> str:
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    return names.get(word, f"a {word}")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        tip = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}{tip}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,98 @@
+"""Device choice and multi-process (torchrun) set-up: gloo on CPU, nccl on CUDA.
+
+``torchrun --nproc_per_node N -m qatlab.cli train ...`` sets ``WORLD_SIZE``/``RANK``/
+``LOCAL_RANK``; :func:`setup` then joins the process group. Every rank trains on its shard of
+each batch stream, evaluates the full validation set (same weights, same numbers), and only
+rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qatlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process runs: its device, rank and the number of processes."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # True if setup() created the process group (and should end it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(option: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the GPU if there is one, else the CPU; ``cuda`` without a GPU is an error."""
+    if option == "cpu":
+        return torch.device("cpu")
+    if option == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA GPU is available; use cpu or auto")
+    if option in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if option == "auto":
+        return torch.device("cpu")
+    raise ConfigError(f"device must be auto, cpu or cuda; got {option!r}")
+
+
+def setup(device_option: str = "auto") -> Dist:
+    """Resolve the device and, under torchrun (``WORLD_SIZE>1``), join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = resolve_device(device_option, local_rank)
+    if world_size <= 1:
+        return Dist(device)
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    owns = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return Dist(device, dist.get_rank(), dist.get_world_size(), owns)
+
+
+def teardown(info: Dist) -> None:
+    """End the process group if :func:`setup` started it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:
+    """Sum ``tensor`` over all processes (in place); a no-op for one process."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def sync_buffers(module: torch.nn.Module, info: Dist) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward pass, so after the last training step
+    of an epoch every rank holds statistics updated by its own shard; evaluation and
+    checkpoints need one set.
+    """
+    if info.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def barrier(info: Dist) -> None:
+    """Wait for every process (so no rank reads a checkpoint rank 0 is still writing)."""
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,236 @@
+"""From a :class:`RunConfig` to results: build data, model and hooks, then :func:`fit`; and
+evaluate or post-training-quantize a saved checkpoint. The CLI calls these and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qatlab.errors import CheckpointError, ConfigError
+from qatlab.quant import (
+    QuantConfig,
+    calibrate,
+    dequantize,
+    is_quantized,
+    ptq,
+    quantize,
+    reestimate_bn,
+)
+from qatlab.train.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    model_from_checkpoint,
+    quant_config,
+    quiet_quantize,
+    seed_everything,
+)
+from qatlab.train.config import DataConfig, ModelConfig, RunConfig
+from qatlab.train.distributed import resolve_device
+from qatlab.train.loop import check_run_dir, count_steps, evaluate, fit, train_loader
+
+
+def load_data(cfg: DataConfig):
+    """The :class:`qatlab.data.DataBundle` that ``cfg`` describes."""
+    from qatlab import data
+
+    return data.load(
+        cfg.name,
+        data_dir=cfg.data_dir,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        augment=cfg.augment,
+        num_samples=cfg.num_samples,
+        cache_dir=cfg.cache_dir,
+        image_size=cfg.image_size,
+    )
+
+
+def create_model(cfg: ModelConfig, data) -> nn.Module:
+    """A fresh float model from the registry, shaped for ``data``."""
+    from qatlab import models
+
+    try:
+        return models.create(cfg.name, data.num_classes, tuple(data.input_shape), **cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {cfg.name}: {exc}") from None
+
+
+def init_weights(
+    model: nn.Module, ckpt: dict[str, Any], path: str | Path, model_name: str
+) -> nn.Module:
+    """Load the weights of checkpoint ``ckpt`` (read from ``path``) into float ``model``; a QAT
+    checkpoint gives its latent float weights. Returns the model to use."""
+    spec = ckpt.get("model_spec") or {}
+    if spec.get("name") not in (None, model_name):
+        raise CheckpointError(
+            f"--init-from {path} holds a {spec['name']} model but this run trains {model_name}"
+        )
+    if ckpt.get("quant") is not None:
+        qmodel = quiet_quantize(model, quant_config(ckpt["quant"]))
+        load_model_state(qmodel, ckpt["model"], path)
+        return dequantize(qmodel)
+    load_model_state(model, ckpt["model"], path)
+    return model
+
+
+def build(cfg: RunConfig, *, resume: bool = False):
+    """``(model, data, hooks)`` for ``cfg``: data loaded, model created, initialised from
+    ``init_from``, quantized and calibrated (unless resuming), method hooks built."""
+    from qatlab.methods import build_hooks
+
+    resuming = resume and (cfg.run_dir / "ckpt.pt").exists()
+    if resuming:
+        load_checkpoint(cfg.run_dir / "ckpt.pt")  # unreadable: fail before loading data
+    init = None
+    if cfg.init_from is not None and not resuming:
+        init = load_checkpoint(cfg.init_from)
+    data = load_data(cfg.data)
+    seed_everything(cfg.train.seed)
+    model = create_model(cfg.model, data)
+    if init is not None:
+        model = init_weights(model, init, cfg.init_from, cfg.model.name)
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    model.to(resolve_device(cfg.train.device, local_rank))  # hooks are built on the device
+    if cfg.quant is not None:
+        model = quantize(model, cfg.quant)
+        if not resuming and cfg.train.calib_batches > 0:
+            calibrate(model, train_loader(data, cfg.train, 0), cfg.train.calib_batches)
+    total_steps = cfg.train.epochs * count_steps(data, cfg.train)
+    hooks = build_hooks(cfg.method, model, cfg.quant, total_steps)
+    return model, data, hooks
+
+
+def run(cfg: RunConfig, *, resume: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Train the run ``cfg`` describes into ``cfg.run_dir``; return its summary.
+
+    Everything is validated and built before the run folder is touched, so bad input leaves
+    no trace; a folder that already holds a run is refused unless ``resume``.
+    """
+    cfg.validate()
+    if not resume:
+        check_run_dir(cfg.run_dir)
+    model, data, hooks = build(cfg, resume=resume)
+    return fit(
+        model,
+        data,
+        cfg.train,
+        hooks=hooks,
+        run_dir=cfg.run_dir,
+        resume=resume,
+        run_config=cfg,
+        verbose=verbose,
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_data(ckpt: dict[str, Any], path: str | Path, data_dir: str | None = None):
+    """The dataset a checkpoint was trained on (``data_dir`` overrides where it lives)."""
+    config = ckpt.get("config") or {}
+    if "data" not in config:
+        raise CheckpointError(f"checkpoint {path} does not say which data it was trained on")
+    data_cfg = dict(config["data"])
+    if data_dir is not None:
+        data_cfg["data_dir"] = data_dir
+    return load_data(DataConfig.from_dict(data_cfg))
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    split: str = "test",
+    bn_reestimate: bool = False,
+    batch_size: int = 512,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Accuracy and loss of a saved model on one split (``test``, ``val`` or ``train``)."""
+    attr = _split(split)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path)
+    data = checkpoint_data(ckpt, path, data_dir)
+    if bn_reestimate:
+        reestimate_bn(model, _calib_batches(data, batch_size), 50)
+    result = evaluate(model, getattr(data, attr), batch_size)
+    quant = ckpt.get("quant")
+    bits = "float" if quant is None else quant_config(quant).describe()
+    return {
+        "checkpoint": str(path),
+        "epoch": ckpt.get("epoch"),
+        "split": split,
+        "bits": bits,
+        "bn_reestimate": bn_reestimate,
+        **result,
+    }
+
+
+def ptq_sweep(
+    model: nn.Module,
+    data,
+    bits: Sequence[int],
+    *,
+    act_bits: int | str | None = "same",
+    split: str = "test",
+    calib_batches: int = 4,
+    batch_size: int = 512,
+    bn_reestimate: bool = False,
+    quant_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows ``{method, bits, weight_bits, act_bits, acc, loss, time_s}``: the float model,
+    then the model post-training quantized at each bit width (calibrated on
+    ``calib_batches`` training batches). ``act_bits``: ``"same"`` as the weights, a fixed
+    width, or ``None`` for weights only. A QAT model is first turned back into its latent
+    float model, and also reported as trained."""
+    dataset = getattr(data, _split(split))
+    rows = []
+    if is_quantized(model):
+        start = time.perf_counter()
+        res = evaluate(model, dataset, batch_size)
+        rows.append(_row("trained", "trained", None, None, res, start))
+        model = dequantize(model)
+    start = time.perf_counter()
+    rows.append(_row("float", "float", None, None, evaluate(model, dataset, batch_size), start))
+    for b in bits:
+        a = b if act_bits == "same" else act_bits
+        cfg = QuantConfig.from_dict(
+            {"weight_bits": b, "act_bits": a, "weights_only": a is None, **(quant_options or {})}
+        )
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = ptq(model, cfg, _calib_batches(data, batch_size), calib_batches)
+        if bn_reestimate:
+            reestimate_bn(qmodel, _calib_batches(data, batch_size), 50)
+        res = evaluate(qmodel, dataset, batch_size)
+        rows.append(_row("ptq", cfg.describe(), b, a, res, start))
+    return rows
+
+
+def _row(method: str, bits: str, wbits, abits, res: dict, start: float) -> dict[str, Any]:
+    return {
+        "method": method,
+        "bits": bits,
+        "weight_bits": wbits,
+        "act_bits": abits,
+        "acc": res["acc"],
+        "loss": res["loss"],
+        "time_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def _calib_batches(data, batch_size: int):
+    from qatlab.data import make_loader
+
+    return make_loader(data.train_eval, batch_size, shuffle=True, seed=0, epoch=0)
+
+
+def _split(split: str) -> str:
+    names = {"test": "test", "val": "val", "train": "train_eval"}
+    if split not in names:
+        raise ConfigError(f"split must be one of test, val, train; got {split!r}")
+    return names[split]

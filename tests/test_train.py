@@ -1,0 +1,442 @@
+"""Trainer: hooks, exact resume, early stopping, schedule, optimizer groups, config, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import qatlab
+from qatlab.errors import ConfigError
+from qatlab.methods import build_hooks, check_options, register_method
+from qatlab.train import Hook, MethodConfig, RunConfig, TrainConfig, fit, load_config
+from qatlab.train.checkpoint import load_checkpoint
+from qatlab.train.loop import lr_factor, make_optimizer, quantizer_parameters
+from qatlab.train.metrics import read_jsonl
+from qatlab.train.runner import build, run
+
+
+def small_model(data, quant: bool = False) -> torch.nn.Module:
+    from qatlab import models
+
+    torch.manual_seed(0)
+    model = models.create("cnn1d", data.num_classes, data.input_shape)
+    if quant:
+        model = qatlab.quantize(model, qatlab.QuantConfig(weight_bits=4, act_bits=4))
+        qatlab.calibrate(model, [data.train_eval[i][0][None] for i in range(64)])
+    return model
+
+
+FAST = dict(epochs=2, batch_size=64, lr=3e-3, progress=False, eval_batch_size=1000)
+
+
+# ----------------------------------------------------------------------------- hooks
+class GradProbe(Hook):
+    """Keeps the gradients of the first step (they are still in .grad after optimizer.step)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def after_step(self, model, step, total_steps):
+        if step == 0:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return None
+
+
+class PullTerm(Hook):
+    """Loss term ``scale * sum(w)`` on one weight: adds exactly ``scale`` to its gradient."""
+
+    def __init__(self, name: str, scale: float) -> None:
+        self.name, self.scale = name, scale
+
+    def loss_term(self, model, step, total_steps):
+        return self.scale * dict(model.named_parameters())[self.name].sum()
+
+
+def test_loss_term_adds_its_gradient(tiny_data):
+    cfg = TrainConfig(**{**FAST, "epochs": 1})
+    name = next(n for n, p in small_model(tiny_data).named_parameters() if p.dim() > 1)
+    plain, pulled = GradProbe(), GradProbe()
+    fit(small_model(tiny_data), tiny_data, cfg, hooks=[plain])
+    fit(small_model(tiny_data), tiny_data, cfg, hooks=[PullTerm(name, 0.5), pulled])
+    diff = pulled.grads[name] - plain.grads[name]
+    torch.testing.assert_close(diff, torch.full_like(diff, 0.5), rtol=0, atol=1e-5)
+    others = [n for n in plain.grads if n != name]
+    assert all(torch.equal(plain.grads[n], pulled.grads[n]) for n in others)
+
+
+class Counter(Hook):
+    """Counts steps; logs the count every 4 steps; its count is checkpointed state."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def after_step(self, model, step, total_steps):
+        self.count += 1
+        return {"count": self.count, "at_step": step} if (step + 1) % 4 == 0 else None
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+class Killer(Hook):
+    """Interrupts training (like Ctrl-C) when ``at`` steps are done."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+
+    def after_step(self, model, step, total_steps):
+        if self.at is not None and step + 1 == self.at:
+            raise KeyboardInterrupt
+        return None
+
+
+def test_kill_and_resume_ends_with_identical_weights(tiny_data, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 3}, bn_reestimate=True, bn_batches=2)
+    whole = Counter()
+    summary = fit(
+        small_model(tiny_data, quant=True),
+        tiny_data,
+        cfg,
+        hooks=[whole, Killer(None)],
+        run_dir=tmp_path / "whole",
+    )
+    steps = summary["steps"] // 3
+    # killed in the middle of epoch 2: ckpt.pt holds epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            small_model(tiny_data, quant=True),
+            tiny_data,
+            cfg,
+            hooks=[Counter(), Killer(steps + steps // 2)],
+            run_dir=tmp_path / "cut",
+        )
+    assert load_checkpoint(tmp_path / "cut" / "ckpt.pt")["epoch"] == 1
+    resumed = Counter()
+    # a fresh model object (as after a crash): everything comes from the checkpoint
+    fit(
+        small_model(tiny_data, quant=True),
+        tiny_data,
+        cfg,
+        hooks=[resumed, Killer(None)],
+        run_dir=tmp_path / "cut",
+        resume=True,
+    )
+    a = load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / "cut" / "ckpt.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["model"][key]), key
+    assert resumed.count == whole.count == 3 * steps  # hook state survived the restart
+
+    def epochs(run):
+        recs = read_jsonl(tmp_path / run / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in recs]
+
+    assert epochs("whole") == epochs("cut")  # the log reads as if never interrupted
+    logged = [r for r in epochs("whole") if "count" in r]
+    assert [r["count"] for r in logged] == list(range(4, 3 * steps + 1, 4))
+    assert all(r["step"] == r["at_step"] + 1 for r in logged)
+
+
+def test_resume_is_exact_with_a_stateful_registered_method(tiny_data_config, tmp_path):
+    """Iterative freezing keeps trackers, masks and frozen integers in module buffers."""
+    raw = {
+        "data": tiny_data_config,
+        "quant": {"weight_bits": 3, "act_bits": 4},
+        "method": {
+            "name": "freeze",
+            "momentum": 0.2,
+            "threshold_start": 0.02,
+            "threshold_end": 0.01,
+            "start": 0.0,
+            "log_every": 0,
+        },
+        "train": {**FAST, "epochs": 3},
+    }
+
+    def go(name: str, kill_at: int | None, resume: bool = False):
+        cfg = RunConfig.from_dict({**raw, "name": name, "out_dir": str(tmp_path)})
+        model, data, hooks = build(cfg, resume=resume)
+        fit(
+            model,
+            data,
+            cfg.train,
+            hooks=[*hooks, Killer(kill_at)],
+            run_dir=cfg.run_dir,
+            resume=resume,
+            run_config=cfg,
+        )
+        return model, hooks[0]
+
+    whole, tracker = go("whole", None)
+    assert tracker.frozen_share() > 0.01  # something froze, so the state matters
+    with pytest.raises(KeyboardInterrupt):
+        go("cut", 25)
+    resumed, tracker2 = go("cut", None, resume=True)
+    assert tracker2.frozen_share() == tracker.frozen_share()
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+class Score(Hook):
+    """An eval metric that peaks at epoch 2 (val only), to drive early stopping."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def eval_metrics(self, model, data, split):
+        if split != "val":
+            return None
+        self.calls += 1
+        return {"score": -abs(self.calls - 3)}  # epoch 0 -> call 1, epoch 2 -> call 3 (best)
+
+
+def test_early_stopping_on_a_hook_metric_restores_best(tiny_data, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 10}, early_stop_metric="val_score", patience=2)
+    summary = fit(small_model(tiny_data), tiny_data, cfg, hooks=[Score()], run_dir=tmp_path)
+    assert summary["stopped_early"] and summary["epochs_run"] == 4
+    assert summary["best_epoch"] == 2 and summary["best_value"] == 0
+    assert summary["final_epoch"] == 2
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2
+    rec = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["epoch"] == 2][-1]
+    assert summary["val_acc"] == rec["val_acc"]
+
+
+def test_unknown_early_stop_metric_fails_before_writing(tiny_data, tmp_path):
+    cfg = TrainConfig(**FAST, early_stop_metric="val_acc_ptq")
+    with pytest.raises(ConfigError, match="val_acc_ptq.*val_acc"):
+        fit(small_model(tiny_data), tiny_data, cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantized_w4a4_run_beats_chance(tiny_data_config, tmp_path):
+    cfg = RunConfig.from_dict(
+        {
+            "out_dir": str(tmp_path),
+            "data": tiny_data_config,
+            "model": {"name": "cnn1d"},
+            "quant": {"weight_bits": 4, "act_bits": 4},
+            "train": {**FAST, "epochs": 4},
+        }
+    )
+    assert cfg.method.name == "qat" and cfg.name == "mnist1d-cnn1d-qat-w4a4-s0"
+    summary = run(cfg, verbose=False)
+    assert summary["test_acc"] > 0.4  # chance is 0.1
+    ckpt = load_checkpoint(cfg.run_dir / "best.pt")
+    assert ckpt["quant"]["weight_bits"] == 4 and any("step" in k for k in ckpt["model"])
+
+
+# ----------------------------------------------------------------------------- schedule, optimizer
+def test_cosine_schedule_per_step_and_per_epoch():
+    cfg = TrainConfig(min_lr=0.1)
+    assert lr_factor(cfg, 0, 10, 100) == 1.0
+    assert lr_factor(cfg, 50, 10, 100) == pytest.approx(0.55)
+    assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.1)
+    per_epoch = dataclasses.replace(cfg, schedule_per="epoch")
+    assert {lr_factor(per_epoch, s, 10, 100) for s in range(10, 20)} == {
+        lr_factor(cfg, 10, 10, 100)
+    }
+    assert lr_factor(TrainConfig(schedule="constant"), 77, 10, 100) == 1.0
+
+
+def test_step_sizes_get_their_own_lr_and_no_weight_decay(tiny_data):
+    model = small_model(tiny_data, quant=True)
+    steps = {id(p) for p in quantizer_parameters(model)}
+    assert steps  # LSQ step sizes are parameters
+    cfg = TrainConfig(
+        optimizer="sgd", lr=0.01, weight_decay=5e-5, quant_lr=1e-5, quant_optimizer=None
+    )
+    opt = make_optimizer(model, cfg)
+    weights, quant = opt.param_groups
+    assert {id(p) for p in quant["params"]} == steps
+    assert quant["lr"] == 1e-5 and quant["weight_decay"] == 0.0
+    assert weights["lr"] == 0.01 and weights["weight_decay"] == 5e-5
+    pair = make_optimizer(model, dataclasses.replace(cfg, quant_optimizer="adam"))  # default
+    assert [type(o).__name__ for o in pair.optimizers] == ["SGD", "Adam"]
+    assert pair.param_groups[1]["lr"] == 1e-5
+
+
+# ----------------------------------------------------------------------------- config
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "model": {"name": "mlp5"},
+                "train": {"lr": "1e-3", "epochs": 3, "optimizer": "sgd"},
+                "quant": {"weight_bits": 3, "act_bits": None},
+            }
+        )
+    )
+    cfg = load_config(path, ["train.lr=0.02", "quant.weight_grid=restricted", "data.seed=4"])
+    assert cfg.train.lr == 0.02 and cfg.train.epochs == 3 and cfg.train.optimizer == "sgd"
+    assert cfg.quant.weight_bits == 3 and cfg.quant.act_bits is None
+    assert cfg.quant.weight_grid == "restricted" and cfg.data.seed == 4
+    assert load_config(path).train.lr == 1e-3  # PyYAML reads 1e-3 as a string: coerced
+    assert load_config(path, ["quant=null"]).quant is None
+    # round trip: the saved config.yaml loads back to the same config
+    again = RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epocs=3", "unknown key 'epocs' in train (did you mean 'epochs'?)"),
+        ("trian.lr=1", "unknown key 'trian' in the config (did you mean 'train'?)"),
+        ("quant.weight_bit=4", "unknown key 'weight_bit' in quant (did you mean 'weight_bits'?)"),
+        ("train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
+        ("train.progress=3", "train.progress must be true or false"),
+        ("train.optimizer=adma", "did you mean 'adam'"),
+        ("quant.weight_bits=1", "bit width must be an integer from 2 to 8"),
+        ("model.name=resnet1000", "model.name must be one of"),
+        ("data.name=mnist2d", "did you mean 'mnist1d'"),
+        ("method.name=dampn", "unknown method 'dampn'"),
+        ("method.lambda_max=0.1", "unknown key 'lambda_max' in method float; it takes no options"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("train=3", "train must be a mapping"),
+        ("noequals", "--set expects key=value"),
+    ],
+)
+def test_config_errors_are_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_method_options_aliases_and_types():
+    @register_method(
+        "_toy",
+        options={"lambda_max": 0.1, "start": 0.25, "bits": 3},
+        aliases={"lambda": "lambda_max"},
+        needs_quant=True,
+    )
+    def _toy(model, quant, total_steps, lambda_max, start, bits):
+        return [PullTerm("w", lambda_max)]
+
+    opts = check_options(MethodConfig("_toy", {"lambda": 2, "bits": 4}))
+    assert opts == {"lambda_max": 2.0, "start": 0.25, "bits": 4}
+    with pytest.raises(ConfigError, match="method.bits must be like 3"):
+        check_options(MethodConfig("_toy", {"bits": 2.5}))
+    with pytest.raises(ConfigError, match="did you mean 'start'"):
+        check_options(MethodConfig("_toy", {"strat": 0.5}))
+    with pytest.raises(ConfigError, match="trains a quantized model"):
+        build_hooks(MethodConfig("_toy"), torch.nn.Linear(2, 2), None, 10)
+    hooks = build_hooks(
+        MethodConfig("_toy", {"lambda": 3.0}), torch.nn.Linear(2, 2), qatlab.QuantConfig(), 10
+    )
+    assert hooks[0].scale == 3.0
+
+
+def test_build_runs_method_hooks_on_the_quantized_model(tiny_data_config, tmp_path):
+    seen = {}
+
+    @register_method("_probe", needs_quant=True)
+    def _probe(model, quant, total_steps):
+        seen.update(quantized=qatlab.quant.is_quantized(model), total=total_steps)
+        return []
+
+    cfg = RunConfig.from_dict(
+        {
+            "out_dir": str(tmp_path),
+            "data": tiny_data_config,
+            "quant": {"weight_bits": 4},
+            "method": {"name": "_probe"},
+            "train": {**FAST},
+        }
+    )
+    model, data, hooks = build(cfg)
+    steps = len(data.train) // FAST["batch_size"]
+    assert seen == {"quantized": True, "total": FAST["epochs"] * steps}
+    assert not (tmp_path / cfg.name).exists()  # building writes nothing
+
+
+# ----------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )
+    torch.set_num_threads(1)
+    from qatlab import data
+
+    bundle = data.load("mnist1d", num_samples=600, cache_dir=cache)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, progress=False, device="cpu")
+    model = small_model(bundle)
+    fit(model, bundle, cfg, run_dir=Path(out) / "run")
+    torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")  # each rank's own weights
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path, data_cache):
+    from qatlab import data
+
+    data.load("mnist1d", num_samples=600, cache_dir=str(data_cache))  # generate once
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(_free_port(), str(data_cache), str(tmp_path)), nprocs=2, join=True
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt",
+        "ckpt.pt",
+        "curves.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and not math.isnan(summary["test_acc"])
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0 if isinstance(r0[k], torch.Tensor))
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_example_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.train.epochs >= 1
+
+
+def test_readme_example_runs_and_learns():
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 2),
+    )
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 512, 32)] * 10
+    scope = {"model": model, "train_loader": batches, "total_steps": len(batches)}
+    exec(compile(code, "README.md", "exec"), scope)
+    qmodel = scope["qmodel"]
+    assert qatlab.quant.is_quantized(qmodel)
+    with torch.no_grad():
+        acc = (qmodel(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.85  # a linearly separable toy: chance is 0.5
