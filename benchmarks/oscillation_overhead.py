@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,17 +19,8 @@ from torch import nn
 import qatlab
 from qatlab.methods.oscillation import IterativeFreezing, OscillationDampening, OscillationTracker
 
-
-def reference_net(num_classes: int = 10) -> nn.Sequential:
-    """6 conv-BN-ReLU blocks 3->32->32->64->64->128->128 (stride 2 at 3rd and 5th), pool, linear."""
-    widths, layers, cin = [32, 32, 64, 64, 128, 128], [], 3
-    for i, cout in enumerate(widths):
-        stride = 2 if i in (2, 4) else 1
-        layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        cin = cout
-    return nn.Sequential(
-        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)
-    )
+sys.path.insert(0, str(Path(__file__).parent))
+from step_overhead import reference_net  # noqa: E402  (the same reference net)
 
 
 def make_variant(kind: str, x: torch.Tensor, total: int):
