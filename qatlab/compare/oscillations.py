@@ -22,6 +22,7 @@ BITS = (4, 3)
 METHODS = ("track", "dampen", "freeze")
 MOMENTUM = 0.01  # f's EMA momentum: Nagel's 0.001 is for ~10^5 steps; these runs have ~10^3
 THRESHOLD = 0.01  # a weight "oscillates" when its frequency f exceeds this
+HIST_MAX = 0.1  # histogram range of f (frequencies above it land in the last bin)
 
 
 def float_config(model: str, seed: int, runs: Path, epochs: int) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def analyse(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         "frozen_share": float(torch.cat(frozen).float().mean()) if frozen else None,
         "bn_mean_err": _avg([r["mean"] for r in report.values()]),
         "bn_var_err": _avg([r["var"] for r in report.values()]),
-        "hist": torch.histc(freqs, bins=25, min=0.0, max=0.5).tolist(),
+        "hist": torch.histc(freqs, bins=25, min=0.0, max=HIST_MAX).tolist(),
         "wall_time_s": summary["wall_time_s"],
     }
     write_json(path, row)
@@ -135,6 +136,7 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 2, quick: bool 
     )
     _plots(rows, runs, qats, out)
     text = _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick)
+    text += "\n## Do the paper's claims hold here?\n\n" + "\n".join(_verdict(table)) + "\n"
     (out / "oscillations.md").write_text(text)
     write_json(out / "oscillations.json", {"rows": rows, "wall_time_s": wall})
     return text
@@ -177,7 +179,7 @@ def _plots(rows, runs: Path, qats, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    edges = [i * 0.02 for i in range(26)]
+    edges = [i * HIST_MAX / 25 for i in range(26)]
     centers = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
     for method in METHODS:
         hist = [
@@ -195,6 +197,61 @@ def _plots(rows, runs: Path, qats, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "oscillations_hist.png", dpi=120)
     plt.close(fig)
+
+
+def _verdict(table) -> list[str]:
+    """Plain sentences from the numbers: effect on oscillations, accuracy, BN re-estimation."""
+    cell = {(r["model"], r["bits"], r["method"]): r for r in table}
+    lines = []
+    for model in MODELS:
+        for bits in (f"W{b}A{b}" for b in BITS):
+            lsq, damp, frz = (cell[(model, bits, m)] for m in METHODS)
+            parts = [
+                f"- **{model} {bits}**: oscillating weights at the end "
+                f"{lsq['osc_share'][0] * 100:.2f}% (LSQ) vs {damp['osc_share'][0] * 100:.2f}% "
+                f"(dampening); freezing froze {frz['frozen_share'][0] * 100:.2f}%."
+            ]
+            for name, r in (("dampening", damp), ("freezing", frz)):
+                delta = r["acc"][0] - lsq["acc"][0]
+                noise = max(r["acc"][1], lsq["acc"][1])
+                verdict = "beats" if delta > noise else "loses to" if -delta > noise else "ties"
+                parts.append(
+                    f"{name} {verdict} LSQ ({delta * 100:+.1f} points, seed std {noise * 100:.1f})."
+                )
+            if lsq["bn_mean_err"] is not None:
+                gain = lsq["acc_bn"][0] - lsq["acc"][0]
+                parts.append(
+                    f"BN re-estimation changes LSQ accuracy by {gain * 100:+.1f} points "
+                    f"(running means were off by {lsq['bn_mean_err'][0] * 100:.1f}%)."
+                )
+            lines.append(" ".join(parts))
+    cells = [
+        (
+            cell[(m, f"W{b}A{b}", "track")],
+            cell[(m, f"W{b}A{b}", "dampen")],
+            cell[(m, f"W{b}A{b}", "freeze")],
+        )
+        for m in MODELS
+        for b in BITS
+    ]
+    reduced = sum(d["osc_share"][0] < t["osc_share"][0] for t, d, _ in cells)
+    wins = sum(
+        r["acc"][0] - t["acc"][0] > max(r["acc"][1], t["acc"][1])
+        for t, d, f in cells
+        for r in (d, f)
+    )
+    lines += [
+        "",
+        f"Dampening lowers the final share of oscillating weights in {reduced}/{len(cells)} "
+        f"settings; dampening or freezing beats LSQ by more than the seed spread in "
+        f"{wins}/{2 * len(cells)} comparisons. The paper's accuracy claims (both methods beat "
+        "LSQ at W4A4 and W3A3; BN re-estimation recovers much of the loss) come from long "
+        "ImageNet training of MobileNetV2/EfficientNet, where oscillating weights persist for "
+        "~10^5 steps and corrupt BN statistics; in these short MNIST-1D runs about 1% of the "
+        "weights oscillate, and where the effects are below the seed spread the claims are "
+        "neither contradicted nor reproduced at this scale.",
+    ]
+    return lines
 
 
 def _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick) -> str:
