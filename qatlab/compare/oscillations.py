@@ -135,7 +135,8 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 2, quick: bool 
         ["acc"],
     )
     _plots(rows, runs, qats, out)
-    text = _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick)
+    train_s = sum(r["wall_time_s"] for r in rows) + sum(s["wall_time_s"] for s in float_summaries)
+    text = _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick, train_s)
     text += "\n## Do the paper's claims hold here?\n\n" + "\n".join(_verdict(table)) + "\n"
     (out / "oscillations.md").write_text(text)
     write_json(out / "oscillations.json", {"rows": rows, "wall_time_s": wall})
@@ -254,7 +255,7 @@ def _verdict(table) -> list[str]:
     return lines
 
 
-def _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick) -> str:
+def _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick, train_s) -> str:
     cols = [
         ("model", "model"),
         ("bits", "bits"),
@@ -271,7 +272,9 @@ def _markdown(table, float_rows, seeds, float_epochs, qat_epochs, wall, quick) -
         "",
         "Regenerate: `python -m qatlab.compare oscillations` "
         f"({'--quick, ' if quick else ''}seeds 0..{seeds - 1}, {seeds} seeds; "
-        f"wall time {wall / 60:.1f} min on 2 CPU cores, 2 worker processes of 1 thread).",
+        f"training time summed over all runs {train_s / 60:.1f} min, run as 2 worker processes "
+        f"of 1 thread on 2 CPU cores; this invocation {wall / 60:.1f} min, reusing finished "
+        "runs).",
         "",
         f"Setup: float pre-training ({float_epochs} epochs, Adam 3e-3, cosine), then LSQ QAT "
         f"from the best float checkpoint ({qat_epochs} epochs, Adam 1e-3 for weights, Adam 1e-5 "
