@@ -7,12 +7,13 @@ import math
 from torch import nn
 
 from qatlab.errors import ConfigError
-from qatlab.models.registry import register
+from qatlab.models.registry import positive, register
 
 
 @register("mlp5")
 def mlp5(num_classes: int, input_shape: tuple[int, ...], width: int = 128) -> nn.Module:
-    """Flatten, then 4 hidden ReLU layers of ``width`` and a linear classifier."""
+    """Flatten, then 4 hidden ReLU layers of ``width`` and a linear classifier (5 nn.Linear)."""
+    positive("mlp5", "width", width)
     dims = [math.prod(input_shape)] + [width] * 4
     body: list[nn.Module] = [nn.Flatten()]
     for a, b in zip(dims, dims[1:], strict=False):
@@ -22,9 +23,14 @@ def mlp5(num_classes: int, input_shape: tuple[int, ...], width: int = 128) -> nn
 
 @register("cnn1d")
 def cnn1d(num_classes: int, input_shape: tuple[int, ...], width: int = 32) -> nn.Module:
-    """Three Conv1d-BN-ReLU blocks (the middle one strided), global pool, linear."""
+    """Three Conv1d-BN-ReLU blocks (widths w, 2w, 2w; the middle one strided), global average
+    pool, linear classifier. For (C, L) signals such as MNIST-1D only."""
     if len(input_shape) != 2:
-        raise ConfigError(f"model cnn1d needs 1-D inputs (C, L), got {tuple(input_shape)}")
+        raise ConfigError(
+            f"model cnn1d needs 1-D inputs (C, L), got {tuple(input_shape)}; "
+            "use resnet20, mobilenetv2 or vit_tiny for images"
+        )
+    positive("cnn1d", "width", width)
     c = input_shape[0]
     return nn.Sequential(
         nn.Conv1d(c, width, 5, padding=2, bias=False),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qatlab.models.registry import conv_dims, layers, register
+from qatlab.errors import ConfigError
+from qatlab.models.registry import conv_dims, layers, positive, register
 
 # (expansion, out channels, repeats, stride) — a shortened CIFAR schedule by default
 _FULL = [
@@ -21,10 +22,14 @@ _SMALL = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2), (6, 64, 2, 2), (6, 96, 1,
 
 
 def _round(c: float) -> int:
+    """Channels rounded to a multiple of 8 (at least 8)."""
     return max(8, int(c + 4) // 8 * 8)
 
 
 class InvertedResidual(nn.Module):
+    """1x1 expansion (skipped if ``expand`` is 1), 3x3 depthwise conv, 1x1 linear projection;
+    a residual connection when input and output match."""
+
     def __init__(self, dims: int, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
         conv, bn, _ = layers(dims)
@@ -50,8 +55,13 @@ class InvertedResidual(nn.Module):
 def mobilenetv2(
     num_classes: int, input_shape: tuple[int, ...], width_mult: float = 0.5, depth: str = "small"
 ) -> nn.Module:
-    """``depth="small"`` (default, 8 blocks) or ``"full"`` (17 blocks, the CIFAR MobileNetV2)."""
+    """MobileNetV2, CIFAR form: stride-1 stem, inverted residual blocks, 1x1 head conv, global
+    pool, linear classifier. ``depth="small"`` (default, 8 blocks, 2 downsamplings, head 320)
+    or ``"full"`` (17 blocks, 3 downsamplings, head 1280); channels scaled by ``width_mult``."""
     dims = conv_dims("mobilenetv2", input_shape)
+    positive("mobilenetv2", "width_mult", width_mult, integer=False)
+    if depth not in ("small", "full"):
+        raise ConfigError(f"model mobilenetv2: depth must be 'small' or 'full', got {depth!r}")
     conv, bn, pool = layers(dims)
     schedule = _FULL if depth == "full" else _SMALL
     c = _round(32 * width_mult)

@@ -1,4 +1,4 @@
-"""The registry itself: a name -> builder map with shape checks."""
+"""The registry itself: a name -> builder map, with input-shape and option checks."""
 
 from __future__ import annotations
 
@@ -10,13 +10,24 @@ from torch import nn
 
 from qatlab.errors import ConfigError
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+Builder = Callable[..., nn.Module]
+_MODELS: dict[str, Builder] = {}
 
 
-def register(name: str) -> Callable:
-    """Decorator: ``build(num_classes, input_shape, **kwargs) -> nn.Module``."""
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator adding ``build(num_classes, input_shape, **kwargs) -> nn.Module`` as ``name``.
 
-    def wrap(build: Callable) -> Callable:
+    Registering a different builder under a taken name is an error (re-registering the same
+    function, e.g. on module reload, is not).
+    """
+
+    def wrap(build: Builder) -> Builder:
+        old = _MODELS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (
+            build.__module__,
+            build.__qualname__,
+        ):
+            raise ValueError(f"model name {name!r} is already registered by {old.__module__}")
         _MODELS[name] = build
         return build
 
@@ -24,23 +35,30 @@ def register(name: str) -> Callable:
 
 
 def list_models() -> list[str]:
+    """The registered model names, sorted."""
     return sorted(_MODELS)
 
 
 def create(name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs) -> nn.Module:
-    """Build model ``name`` for ``input_shape`` ((C, L) or (C, H, W)) and ``num_classes``."""
+    """Build model ``name`` for per-sample ``input_shape`` ((C, L) or (C, H, W)) with
+    ``num_classes`` logits; ``kwargs`` are the model's options (e.g. ``width``)."""
     if name not in _MODELS:
-        hint = difflib.get_close_matches(name, list(_MODELS), n=1)
+        hint = difflib.get_close_matches(str(name), list(_MODELS), n=1)
         tip = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise ConfigError(f"unknown model {name!r}{tip}; choose from {', '.join(list_models())}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ConfigError(f"input_shape must be positive integers like (C, L), got {shape}")
     build = _MODELS[name]
     accepted = set(inspect.signature(build).parameters) - {"num_classes", "input_shape"}
-    for key in kwargs:
-        if key not in accepted:
-            raise ConfigError(
-                f"model {name} has no option {key!r}; its options: {sorted(accepted)}"
-            )
-    return build(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"model {name} has no option {unknown[0]!r}; its options: {sorted(accepted)}"
+        )
+    return build(num_classes=num_classes, input_shape=shape, **kwargs)
 
 
 def conv_dims(name: str, input_shape: tuple[int, ...]) -> int:
@@ -57,3 +75,11 @@ def layers(dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]
     if dims == 1:
         return nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d
     return nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d
+
+
+def positive(name: str, option: str, value: float, integer: bool = True) -> None:
+    """Raise a ConfigError unless ``value`` is a positive number (an integer if ``integer``)."""
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if not ok or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"model {name}: {option} must be {kind}, got {value!r}")

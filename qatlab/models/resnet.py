@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qatlab.models.registry import conv_dims, layers, register
+from qatlab.models.registry import conv_dims, layers, positive, register
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN projection) shortcut."""
+
     def __init__(self, dims: int, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         conv, bn, _ = layers(dims)
@@ -26,6 +28,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """3x3 conv stem (no max-pool), stages of BasicBlocks (each after the first halving the
+    resolution), global average pool, linear classifier ``fc``."""
+
     def __init__(self, dims: int, cin: int, widths: list[int], blocks: list[int], classes: int):
         super().__init__()
         conv, bn, pool = layers(dims)
@@ -49,6 +54,7 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int, input_shape: tuple[int, ...], width: int = 64) -> nn.Module:
     """ResNet-18, CIFAR form: BasicBlocks [2, 2, 2, 2], widths width*(1, 2, 4, 8)."""
     dims = conv_dims("resnet18", input_shape)
+    positive("resnet18", "width", width)
     return ResNet(
         dims, input_shape[0], [width * m for m in (1, 2, 4, 8)], [2, 2, 2, 2], num_classes
     )
@@ -56,6 +62,7 @@ def resnet18(num_classes: int, input_shape: tuple[int, ...], width: int = 64) ->
 
 @register("resnet20")
 def resnet20(num_classes: int, input_shape: tuple[int, ...], width: int = 16) -> nn.Module:
-    """CIFAR ResNet-20: 3 stages of 3 BasicBlocks, widths width*(1, 2, 4)."""
+    """CIFAR ResNet-20: 3 stages of 3 BasicBlocks, widths width*(1, 2, 4) (16/32/64)."""
     dims = conv_dims("resnet20", input_shape)
+    positive("resnet20", "width", width)
     return ResNet(dims, input_shape[0], [width, 2 * width, 4 * width], [3, 3, 3], num_classes)

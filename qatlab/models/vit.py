@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
-from qatlab.models.registry import conv_dims, layers, register
+from qatlab.models.registry import conv_dims, layers, positive, register
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/output ``nn.Linear`` projections (so a
+    quantizer sees each one), computed with ``scaled_dot_product_attention``."""
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
@@ -32,6 +35,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -46,16 +51,21 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, input_shape, num_classes, patch, dim, depth, heads, mlp_ratio) -> None:
+    """Conv patch embedding (kernel = stride = patch), learned position embedding, pre-norm
+    blocks, final LayerNorm, mean pooling over tokens, linear ``head``."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        patch: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: int,
+    ) -> None:
         super().__init__()
-        dims = conv_dims("vit_tiny", input_shape)
-        if any(s % patch for s in input_shape[1:]):
-            raise ConfigError(
-                f"vit_tiny: patch size {patch} must divide the input size {tuple(input_shape[1:])}"
-            )
-        if dim % heads:
-            raise ConfigError(f"vit_tiny: dim {dim} must be divisible by heads {heads}")
-        conv, _, _ = layers(dims)
+        conv, _, _ = layers(len(input_shape) - 1)
         self.patch_embed = conv(input_shape[0], dim, patch, patch)
         tokens = math.prod(s // patch for s in input_shape[1:])
         self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
@@ -65,7 +75,16 @@ class ViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.blocks(x)).mean(1))  # mean pooling over tokens
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def _auto_patch(spatial: tuple[int, ...]) -> int:
+    """The patch size ``patch=0`` picks: the largest of 4, 2, 1 dividing every spatial size,
+    using 4 only for sizes >= 16 (so 32x32 -> 4, 8x8 -> 2, length 40 -> 4)."""
+    for p in (4, 2):
+        if all(s % p == 0 for s in spatial) and (p < 4 or min(spatial) >= 16):
+            return p
+    return 1
 
 
 @register("vit_tiny")
@@ -78,8 +97,26 @@ def vit_tiny(
     heads: int = 4,
     mlp_ratio: int = 2,
 ) -> nn.Module:
-    """``patch=0`` picks one: 4 for 32-px images, 2 for 8-px, 4 for 40-long signals."""
-    if not patch:
-        size = input_shape[-1]
-        patch = 4 if size % 4 == 0 and size >= 16 else 2 if size % 2 == 0 else 1
-    return ViT(input_shape, num_classes, patch, dim, depth, heads, mlp_ratio)
+    """A tiny ViT; ``patch=0`` picks one (4 for 32-px images or 40-long signals, 2 for 8-px)."""
+    conv_dims("vit_tiny", input_shape)
+    for option, value in (
+        ("dim", dim),
+        ("depth", depth),
+        ("heads", heads),
+        ("mlp_ratio", mlp_ratio),
+    ):
+        positive("vit_tiny", option, value)
+    spatial = tuple(input_shape[1:])
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 0:
+        raise ConfigError(
+            f"model vit_tiny: patch must be a positive integer (or 0 = auto), got {patch!r}"
+        )
+    patch = patch or _auto_patch(spatial)
+    if any(s % patch for s in spatial):
+        raise ConfigError(
+            f"model vit_tiny: patch size {patch} must divide the input size {spatial}; "
+            "pass another patch (or 0 to choose automatically)"
+        )
+    if dim % heads:
+        raise ConfigError(f"model vit_tiny: dim {dim} must be divisible by heads {heads}")
+    return ViT(tuple(input_shape), num_classes, patch, dim, depth, heads, mlp_ratio)
