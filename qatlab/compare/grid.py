@@ -7,7 +7,6 @@ import json
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -50,9 +49,3 @@ def run_jobs(
                 flush=True,
             )
     return results
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from qatlab.train.metrics import write_json as atomic_json
-
-    atomic_json(path, obj)

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from qatlab.compare.grid import run_jobs, train_job, write_json
+from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
+from qatlab.train.metrics import write_json
 
 MODELS = {"mobilenetv2": {"width_mult": 0.25}, "mlp5": {}}
 BITS = (4, 3)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qatlab.compare.grid import run_jobs, train_job, write_json
+from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
+from qatlab.train.metrics import write_json
 
 SETUPS = [("mnist1d", "mlp5"), ("digits", "mlp5"), ("mnist1d", "cnn1d")]
 TARGETS = (2, 3, 4)

@@ -35,16 +35,24 @@ class QuantLayer:
         cls, layer: nn.Module, weight_quantizer: Quantizer, input_quantizer: Quantizer | None
     ) -> QuantLayer:
         """Wrap ``layer``'s own parameters (shared, not copied) with the given quantizers."""
-        new = cls.__new__(cls)
-        new.__dict__.update(layer.__dict__)  # same parameters, buffers, hooks and settings
-        new._modules = dict(layer._modules)
-        new._parameters = dict(layer._parameters)
-        new._buffers = dict(layer._buffers)
+        new = recast(layer, cls)
         new.weight_quantizer = weight_quantizer.to(layer.weight.device)
         new.input_quantizer = (
             None if input_quantizer is None else input_quantizer.to(layer.weight.device)
         )
         return new
+
+
+def recast(layer: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A ``cls`` instance sharing ``layer``'s parameters, buffers, hooks and settings (no copy);
+    quantizer submodules are left behind (``from_float`` adds new ones)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(layer.__dict__)
+    new._modules = {k: v for k, v in layer._modules.items() if not isinstance(v, Quantizer)}
+    new._parameters = dict(layer._parameters)
+    new._buffers = dict(layer._buffers)
+    new.__dict__.pop("input_quantizer", None)  # set as a plain attribute when it is None
+    return new
 
 
 class QuantConv1d(QuantLayer, nn.Conv1d):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from qatlab.quant.config import QuantConfig
-from qatlab.quant.layers import FLOAT_TO_QUANT, QuantLayer, quantizers
+from qatlab.quant.layers import FLOAT_TO_QUANT, QuantLayer, quantizers, recast
 from qatlab.quant.quantizer import Quantizer, check_bits
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -164,19 +164,8 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     quant_to_float = {v: k for k, v in FLOAT_TO_QUANT.items()}
     if isinstance(model, QuantLayer):
-        return _to_float(model, quant_to_float)
+        return recast(model, quant_to_float[type(model)])
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _to_float(layer, quant_to_float))
+        setattr(model.get_submodule(parent_name), child, recast(layer, quant_to_float[type(layer)]))
     return model
-
-
-def _to_float(layer: nn.Module, quant_to_float: dict) -> nn.Module:
-    cls = quant_to_float[type(layer)]
-    new = cls.__new__(cls)
-    new.__dict__.update(layer.__dict__)
-    new._modules = {k: v for k, v in layer._modules.items() if not isinstance(v, Quantizer)}
-    new._parameters = dict(layer._parameters)
-    new._buffers = dict(layer._buffers)
-    new.__dict__.pop("input_quantizer", None)
-    return new
