@@ -96,7 +96,7 @@ def test_frozen_weights_get_no_task_gradient_and_keep_their_integer():
         q, momentum=0.5, threshold_start=1e-9, threshold_end=1e-9, start=0.0
     )
     assert freezer.layer_names == ["2"]  # first/last layers are 8-bit: not tracked
-    mask = freezer.buffer("2", "frozen")
+    mask = freezer.frozen("2")
     mask[:4] = True  # freeze four output rows by hand
     freezer.buffer("2", "frozen_int")[:4] = q[2].weight_int()[:4].to(torch.int8)
     frozen_before = q[2].weight_int()[:4].clone()

@@ -319,26 +319,20 @@ def test_config_errors_are_one_clear_line(override, message):
 
 
 def test_method_options_aliases_and_types():
-    @register_method(
-        "_toy",
-        options={"lambda_max": 0.1, "start": 0.25, "bits": 3},
-        aliases={"lambda": "lambda_max"},
-        needs_quant=True,
-    )
-    def _toy(model, quant, total_steps, lambda_max, start, bits):
+    @register_method("_toy", aliases={"lambda": "lambda_max"}, needs_quant=True)
+    def _toy(model, quant, total_steps, lambda_max=0.1, start=0.25, bits=3):
+        """A toy method."""
         return [PullTerm("w", lambda_max)]
 
-    opts = check_options(MethodConfig("_toy", {"lambda": 2, "bits": 4}))
+    opts = check_options("_toy", {"lambda": 2, "bits": 4})
     assert opts == {"lambda_max": 2.0, "start": 0.25, "bits": 4}
     with pytest.raises(ConfigError, match="method.bits must be like 3"):
-        check_options(MethodConfig("_toy", {"bits": 2.5}))
+        check_options("_toy", {"bits": 2.5})
     with pytest.raises(ConfigError, match="did you mean 'start'"):
-        check_options(MethodConfig("_toy", {"strat": 0.5}))
+        check_options("_toy", {"strat": 0.5})
     with pytest.raises(ConfigError, match="trains a quantized model"):
-        build_hooks(MethodConfig("_toy"), torch.nn.Linear(2, 2), None, 10)
-    hooks = build_hooks(
-        MethodConfig("_toy", {"lambda": 3.0}), torch.nn.Linear(2, 2), qatlab.QuantConfig(), 10
-    )
+        build_hooks("_toy", {}, torch.nn.Linear(2, 2), None, 10)
+    hooks = build_hooks("_toy", {"lambda": 3.0}, torch.nn.Linear(2, 2), qatlab.QuantConfig(), 10)
     assert hooks[0].scale == 3.0
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from qatlab.measure.accuracy import evaluate
 from qatlab.quant import QuantConfig, dequantize, is_quantized, ptq
-from qatlab.train.hooks import Hook
 
 
 def ptq_config(
@@ -55,21 +55,8 @@ def cross_bit(
     return results
 
 
-class PTQAccuracy(Hook):
-    """Evaluation-time metric ``ptq{b}_acc``: accuracy after round-to-nearest PTQ at ``bits``.
-
-    Lets early stopping and model selection use the quantized validation accuracy of a model
-    trained in float (Wenshøj et al.'s protocol): ``train.early_stop_metric=val_ptq3_acc``.
-    """
-
-    def __init__(self, bits: int, batch_size: int = 512) -> None:
-        self.bits = bits
-        self.batch_size = batch_size
-
-    def eval_metrics(self, model: nn.Module, data, split: str) -> dict | None:
-        from qatlab.train import evaluate
-
-        float_model = dequantize(model) if is_quantized(model) else model
-        qmodel = ptq(float_model, ptq_config(self.bits), [])
-        result = evaluate(qmodel, getattr(data, split), self.batch_size)
-        return {f"ptq{self.bits}_acc": result["acc"]}
+def ptq_accuracy(model: nn.Module, dataset, bits: int, batch_size: int = 512) -> float:
+    """Accuracy of ``model`` (its latent float weights if quantized) after round-to-nearest
+    PTQ at ``bits`` (:func:`ptq_config`)."""
+    float_model = dequantize(model) if is_quantized(model) else model
+    return evaluate(ptq(float_model, ptq_config(bits), []), dataset, batch_size)["acc"]

@@ -1,31 +1,48 @@
-"""Training methods, each a set of :class:`qatlab.train.Hook` objects usable in any loop.
+"""Training methods: each a set of :class:`Hook` objects usable in any training loop, and the
+registry that lets the trainer and the CLI build them by name.
 
-A method module registers a builder with its options and their defaults::
+A method module registers a builder; its keyword arguments *are* the method's options, with
+their defaults, and the first line of its docstring is the method's description::
 
-    @register_method("dampen", options={"lambda_max": 0.1}, aliases={"lambda": "lambda_max"})
-    def _dampen(model, quant, total_steps, lambda_max):
+    @register_method("dampen", aliases={"lambda": "lambda_max"}, needs_quant=True)
+    def _dampen(model, quant, total_steps, lambda_max: float = 0.1):
+        "QAT with oscillation dampening (Nagel et al. 2022)."
         return [OscillationDampening(lambda_max)]
 
-and is imported at the bottom of this file (one line per method). Options are checked against
-the declared defaults (name and type) before any run starts; ``aliases`` let generic CLI flags
-(``--lambda``, ``--target-bits``) reach a method's own option names.
+and is imported at the bottom of this file (one line per module). Options are checked against
+the defaults (name and type) before any run starts; ``aliases`` let generic CLI flags
+(``--lambda``, ``--target-bits``, ``--rho``) reach a method's own option names. This package
+never imports :mod:`qatlab.train`.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qatlab.errors import ConfigError
+from qatlab.methods.base import Hook, OptimizerWrapper, frozen_bn_stats
 
 if TYPE_CHECKING:
     from torch import nn
 
     from qatlab.quant import QuantConfig
-    from qatlab.train.config import MethodConfig
-    from qatlab.train.hooks import Hook
+
+__all__ = [
+    "METHODS",
+    "Hook",
+    "MethodSpec",
+    "OptimizerWrapper",
+    "build_hooks",
+    "check_options",
+    "frozen_bn_stats",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,7 @@ class MethodSpec:
     options: dict[str, Any]
     aliases: dict[str, str]
     needs_quant: bool | None  # True: quantized runs only; False: float only; None: either
+    description: str
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -45,17 +63,29 @@ METHODS: dict[str, MethodSpec] = {}
 def register_method(
     name: str,
     *,
-    options: dict[str, Any] | None = None,
     aliases: dict[str, str] | None = None,
     needs_quant: bool | None = None,
 ) -> Callable:
-    """Decorator: register ``build(model, quant, total_steps, **options) -> list[Hook]``."""
+    """Decorator: register ``build(model, quant, total_steps, **options) -> list[Hook]``.
+
+    The options are the builder's keyword arguments after the first three, with their defaults.
+    """
 
     def wrap(build: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
+        params = list(inspect.signature(build).parameters.values())[3:]
+        missing = [p.name for p in params if p.default is inspect.Parameter.empty]
+        if missing:
+            raise ValueError(f"method {name!r}: options without a default: {missing}")
+        doc = (build.__doc__ or "").strip().splitlines()
         METHODS[name] = MethodSpec(
-            name, build, dict(options or {}), dict(aliases or {}), needs_quant
+            name,
+            build,
+            {p.name: p.default for p in params},
+            dict(aliases or {}),
+            needs_quant,
+            doc[0] if doc else "",
         )
         return build
 
@@ -76,13 +106,14 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def check_options(method: MethodConfig) -> dict[str, Any]:
-    """Return ``method.options`` with aliases resolved and defaults filled in, or raise."""
-    spec = get_method(method.name)
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Return ``options`` of method ``name`` with aliases resolved and defaults filled in, or
+    raise a one-line ConfigError."""
+    spec = get_method(name)
     out = dict(spec.options)
-    for key, value in method.options.items():
-        name = spec.aliases.get(key, key)
-        if name not in spec.options:
+    for key, value in options.items():
+        option = spec.aliases.get(key, key)
+        if option not in spec.options:
             valid = list(spec.options) + list(spec.aliases)
             hint = difflib.get_close_matches(key, valid, n=1)
             if hint:
@@ -91,21 +122,25 @@ def check_options(method: MethodConfig) -> dict[str, Any]:
                 tip = f"; its options: {', '.join(valid)}"
             else:
                 tip = "; it takes no options"
-            raise ConfigError(f"unknown key '{key}' in method {method.name}{tip}")
-        out[name] = _like(value, spec.options[name], f"method.{name}")
+            raise ConfigError(f"unknown key '{key}' in method {name}{tip}")
+        out[option] = _like(value, spec.options[option], f"method.{option}")
     return out
 
 
 def build_hooks(
-    method: MethodConfig, model: nn.Module, quant: QuantConfig | None, total_steps: int
+    name: str,
+    options: dict[str, Any],
+    model: nn.Module,
+    quant: QuantConfig | None,
+    total_steps: int,
 ) -> list[Hook]:
-    """The hooks that implement ``method`` for ``model`` (already quantized if ``quant``)."""
-    spec = get_method(method.name)
+    """The hooks that implement method ``name`` for ``model`` (already quantized if ``quant``)."""
+    spec = get_method(name)
     if spec.needs_quant is True and quant is None:
         raise ConfigError(f"method {spec.name} trains a quantized model: give --wbits")
     if spec.needs_quant is False and quant is not None:
         raise ConfigError(f"method {spec.name} trains a float model: drop --wbits")
-    return list(spec.build(model, quant, total_steps, **check_options(method)))
+    return list(spec.build(model, quant, total_steps, **check_options(name, options)))
 
 
 def _like(value: Any, default: Any, name: str) -> Any:
@@ -136,13 +171,13 @@ def _like(value: Any, default: Any, name: str) -> Any:
 # ----------------------------------------------------------------------------- built-in
 @register_method("float", needs_quant=False)
 def _float(model: nn.Module, quant: QuantConfig | None, total_steps: int) -> list[Hook]:
-    """Plain float training: no hooks."""
+    """Float training (no quantization, no hooks)."""
     return []
 
 
 @register_method("qat", needs_quant=True)
 def _qat(model: nn.Module, quant: QuantConfig | None, total_steps: int) -> list[Hook]:
-    """Plain QAT (LSQ by default): the quantized model trains as is, no hooks."""
+    """Plain QAT with the configured quantizer (LSQ by default), no extra terms."""
     return []
 
 

@@ -1,8 +1,9 @@
 """Weight oscillations in QAT (Nagel et al., ICML 2022): tracking, dampening, iterative freezing.
 
-All three read the integer weights from the quantizer (``layer.weight_int()``), run only in
-training steps (never in evaluation or BN re-estimation), and keep their state in buffers of
-an ``nn.Module`` so it travels with ``state_dict()``.
+All three read integers and transitions from the quant core (``Quantizer.integer``,
+:class:`qatlab.quant.TransitionCounter`), run only in training steps (never in evaluation or BN
+re-estimation), and keep their state in buffers of an ``nn.Module`` so it travels with
+``state_dict()``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.methods import register_method
+from qatlab.methods.base import Hook
 from qatlab.quant.layers import QuantLayer, quant_layers
 from qatlab.quant.quantizer import Quantizer
-from qatlab.train.hooks import Hook
+from qatlab.quant.transitions import TransitionCounter, counted_layers
 
 AGGREGATIONS = ("kernel_mean", "mean", "sum")
 
@@ -57,22 +59,10 @@ def bin_distance(weight: Tensor, quantizer: Quantizer, aggregation: str = "kerne
     its gradient is exactly the negative).
     """
     n, p = quantizer.grid_range
-    s = quantizer.current_step(weight).detach()
-    if s.dim() == 1:
-        s = s.reshape(-1, *([1] * (weight.dim() - 1)))
-    target = torch.clamp(torch.round(weight.detach() / s), n, p) * s
+    s = quantizer.broadcast_step(weight).detach()
+    target = quantizer.quantize_detached(weight)
     clamped = torch.maximum(torch.minimum(weight, s * p), s * n)
     return aggregate((target - clamped).pow(2), aggregation)
-
-
-def tracked_layers(model: nn.Module, max_bits: int | None) -> list[tuple[str, QuantLayer]]:
-    """Quantized layers whose weights are at most ``max_bits`` (all non-pinned ones if None)."""
-    out = []
-    for name, layer in quant_layers(model):
-        q = layer.weight_quantizer
-        if (max_bits is None and not q.fixed_bits) or (max_bits is not None and q.bits <= max_bits):
-            out.append((name, layer))
-    return out
 
 
 def _key(name: str) -> str:
@@ -85,7 +75,8 @@ class OscillationTracker(nn.Module, Hook):
 
     ``o_t = 1`` when the integer moves opposite to its last non-zero move; ``f = EMA(o)`` with
     momentum ``m``. :meth:`stats` gives per-layer share of weights with ``f > threshold``,
-    mean ``f`` and a histogram.
+    mean ``f`` and a histogram. Moves come from its :class:`TransitionCounter`
+    (``self.transitions``), which other methods and the trainer's log can share.
     """
 
     def __init__(
@@ -100,11 +91,11 @@ class OscillationTracker(nn.Module, Hook):
         self.momentum = momentum
         self.threshold = threshold
         self.log_every = log_every
-        self.layer_names = [name for name, _ in tracked_layers(model, max_bits)]
-        for name, layer in tracked_layers(model, max_bits):
+        self.transitions = TransitionCounter(model, max_bits)
+        self.layer_names = list(self.transitions.layer_names)
+        for name in self.layer_names:
             k = _key(name)
-            w_int = layer.weight_int().to(torch.int8)
-            self.register_buffer(f"{k}__prev", w_int.clone())
+            w_int = self.transitions.previous(name)
             self.register_buffer(f"{k}__dir", torch.zeros_like(w_int))
             self.register_buffer(f"{k}__freq", torch.zeros(w_int.shape))
             self.register_buffer(f"{k}__ema_int", w_int.float())
@@ -113,29 +104,32 @@ class OscillationTracker(nn.Module, Hook):
     def buffer(self, name: str, kind: str) -> Tensor:
         return getattr(self, f"{_key(name)}__{kind}")
 
+    def frequency(self, name: str) -> Tensor:
+        """Oscillation frequency ``f`` of every weight of layer ``name``."""
+        return self.buffer(name, "freq")
+
+    def flips(self, name: str) -> Tensor:
+        """How many oscillations (direction reversals) each weight of ``name`` has made."""
+        return self.buffer(name, "flips")
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> dict[str, Tensor]:
+    def update(self, model: nn.Module, step: int | None = None) -> dict[str, Tensor]:
         """Record one training step; returns each layer's current integers."""
-        layers = dict(quant_layers(model))
-        current = {}
+        moves = self.transitions.update(model, step)
         m = self.momentum
         for name in self.layer_names:
-            w_int = layers[name].weight_int().to(torch.int8)
-            prev, last_dir = self.buffer(name, "prev"), self.buffer(name, "dir")
-            direction = torch.sign(w_int.to(torch.int16) - prev).to(torch.int8)
+            w_int, direction = moves.current[name], moves.direction[name]
+            last_dir = self.buffer(name, "dir")
             moved = direction != 0
             osc = moved & (direction == -last_dir)
-            freq = self.buffer(name, "freq")
-            freq.mul_(1 - m).add_(osc.float(), alpha=m)
+            self.buffer(name, "freq").mul_(1 - m).add_(osc.float(), alpha=m)
             self.buffer(name, "ema_int").mul_(1 - m).add_(w_int.float(), alpha=m)
             self.buffer(name, "flips").add_(osc.int())
             last_dir.copy_(torch.where(moved, direction, last_dir))
-            prev.copy_(w_int)
-            current[name] = w_int
-        return current
+        return moves.current
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict | None:
-        self.update(model)
+        self.update(model, step)
         if self.log_every and (step + 1) % self.log_every == 0:
             return {"osc_share": self.oscillating_share()}
         return None
@@ -165,7 +159,7 @@ class OscillationTracker(nn.Module, Hook):
 
     def frequencies(self) -> Tensor:
         """All tracked frequencies as one flat tensor (for histograms)."""
-        return torch.cat([self.buffer(n, "freq").reshape(-1) for n in self.layer_names])
+        return torch.cat([self.frequency(n).reshape(-1) for n in self.layer_names])
 
 
 # ----------------------------------------------------------------------------- dampening
@@ -175,6 +169,10 @@ class OscillationDampening(Hook):
     Its gradient pulls each in-range latent weight toward its bin centre; clipped weights get
     none. ``lambda`` is 0 for the first ``start`` of training, then a cosine ramp to
     ``lambda_max``. The step size is held constant here (only weights feel this term).
+
+    Like the authors' code, every quantized layer is dampened, the first and last layers
+    pinned to 8 bits included (``include_pinned=False`` leaves those out); ``max_bits``
+    restricts it to layers of at most that many bits.
     """
 
     def __init__(
@@ -183,6 +181,7 @@ class OscillationDampening(Hook):
         aggregation: str = "kernel_mean",
         start: float = 0.25,
         max_bits: int | None = None,
+        include_pinned: bool = True,
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -190,6 +189,7 @@ class OscillationDampening(Hook):
         self.aggregation = aggregation
         self.start = start
         self.max_bits = max_bits
+        self.include_pinned = include_pinned
 
     def weight(self, step: int, total_steps: int) -> float:
         return cosine_ramp(step / max(total_steps, 1), self.start, self.lambda_max)
@@ -198,7 +198,7 @@ class OscillationDampening(Hook):
         """The un-weighted dampening sum over layers."""
         terms = [
             bin_distance(layer.weight, layer.weight_quantizer, self.aggregation)
-            for _, layer in tracked_layers(model, self.max_bits)
+            for _, layer in counted_layers(model, self.max_bits, self.include_pinned)
         ]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
@@ -235,7 +235,7 @@ class IterativeFreezing(OscillationTracker):
         self.threshold_end = threshold_end
         self.start = start
         for name in self.layer_names:
-            shape = self.buffer(name, "prev").shape
+            shape = self.transitions.previous(name).shape
             self.register_buffer(f"{_key(name)}__frozen", torch.zeros(shape, dtype=torch.bool))
             self.register_buffer(f"{_key(name)}__frozen_int", torch.zeros(shape, dtype=torch.int8))
         self._hooked: dict[str, object] = {}
@@ -260,7 +260,7 @@ class IterativeFreezing(OscillationTracker):
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict | None:
         layers = dict(quant_layers(model))
         self.write_back(layers)  # the optimizer may have moved frozen weights
-        self.update(model)
+        self.update(model, step)
         threshold = self.threshold_at(step, total_steps)
         if math.isfinite(threshold):
             for name in self.layer_names:
@@ -283,11 +283,12 @@ class IterativeFreezing(OscillationTracker):
             if not frozen.any():
                 continue
             layer = layers[name]
-            s = layer.weight_quantizer.current_step(layer.weight)
-            if s.dim() == 1:
-                s = s.reshape(-1, *([1] * (layer.weight.dim() - 1)))
-            value = self.buffer(name, "frozen_int").float() * s
+            value = layer.weight_quantizer.from_integer(self.buffer(name, "frozen_int"), layer.weight)
             layer.weight.data.copy_(torch.where(frozen, value, layer.weight.data))
+
+    def frozen(self, name: str) -> Tensor:
+        """Boolean mask of the frozen weights of layer ``name``."""
+        return self.buffer(name, "frozen")
 
     @torch.no_grad()
     def frozen_share(self) -> float:
@@ -296,55 +297,47 @@ class IterativeFreezing(OscillationTracker):
 
 
 # ----------------------------------------------------------------------------- registry
-@register_method(
-    "track",
-    options={"momentum": 0.001, "threshold": 0.01, "log_every": 50},
-    needs_quant=True,
-)
-def _track(model, quant, total_steps, momentum, threshold, log_every) -> list[Hook]:
-    """Plain QAT plus an oscillation tracker (the LSQ baseline of the oscillation study)."""
+@register_method("track", needs_quant=True)
+def _track(
+    model, quant, total_steps, momentum: float = 0.001, threshold: float = 0.01, log_every: int = 50
+) -> list[Hook]:
+    """QAT plus an oscillation tracker (the LSQ baseline of the oscillation study)."""
     return [OscillationTracker(model, momentum, threshold, log_every=log_every)]
 
 
-@register_method(
-    "dampen",
-    options={
-        "lambda_max": 0.1,
-        "aggregation": "kernel_mean",
-        "start": 0.25,
-        "momentum": 0.001,
-        "threshold": 0.01,
-        "log_every": 50,
-    },
-    aliases={"lambda": "lambda_max"},
-    needs_quant=True,
-)
+@register_method("dampen", aliases={"lambda": "lambda_max"}, needs_quant=True)
 def _dampen(
-    model, quant, total_steps, lambda_max, aggregation, start, momentum, threshold, log_every
+    model,
+    quant,
+    total_steps,
+    lambda_max: float = 0.1,
+    aggregation: str = "kernel_mean",
+    start: float = 0.25,
+    include_pinned: bool = True,
+    momentum: float = 0.001,
+    threshold: float = 0.01,
+    log_every: int = 50,
 ) -> list[Hook]:
-    """QAT with oscillation dampening (and a tracker, to report what it did)."""
+    """QAT with oscillation dampening, a loss pulling weights to bin centres (Nagel et al.)."""
     return [
-        OscillationDampening(lambda_max, aggregation, start),
+        OscillationDampening(lambda_max, aggregation, start, include_pinned=include_pinned),
         OscillationTracker(model, momentum, threshold, log_every=log_every),
     ]
 
 
-@register_method(
-    "freeze",
-    options={
-        "momentum": 0.001,
-        "threshold_start": 0.1,
-        "threshold_end": 0.0,  # 0: Nagel's 0.011 at 3 bits, else 0.01
-        "start": 0.25,
-        "max_bits": 4,
-        "log_every": 50,
-    },
-    needs_quant=True,
-)
+@register_method("freeze", needs_quant=True)
 def _freeze(
-    model, quant, total_steps, momentum, threshold_start, threshold_end, start, max_bits, log_every
+    model,
+    quant,
+    total_steps,
+    momentum: float = 0.001,
+    threshold_start: float = 0.1,
+    threshold_end: float = 0.0,  # 0: Nagel's 0.011 at 3 bits, else 0.01
+    start: float = 0.25,
+    max_bits: int = 4,
+    log_every: int = 50,
 ) -> list[Hook]:
-    """QAT with iterative weight freezing (its tracker is built in)."""
+    """QAT with iterative freezing of oscillating weights (Nagel et al.)."""
     if not threshold_end:
         threshold_end = 0.011 if quant is not None and quant.weight_bits == 3 else 0.01
     return [

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qatlab.measure.crossbit import PTQAccuracy
+from qatlab.measure.crossbit import ptq_accuracy
 from qatlab.methods import register_method
+from qatlab.methods.base import Hook
 from qatlab.methods.oscillation import bin_distance
 from qatlab.quant.layers import QuantLayer
 from qatlab.quant.quantizer import Quantizer
-from qatlab.train.hooks import Hook
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -78,12 +78,8 @@ class OscillationRegularizer(nn.Module, Hook):
         """R itself, ``sum_layers mean(q(W)^2 - W^2)``, for logging."""
         total = 0.0
         for name, layer in self.layers.items():
-            q = self.quantizer(name)
             w = layer.weight
-            s = q.current_step(w)
-            if s.dim() == 1:
-                s = s.reshape(-1, *([1] * (w.dim() - 1)))
-            total += float((q.integer(w) * s).pow(2).mean() - w.pow(2).mean())
+            total += float(self.quantizer(name).quantize_detached(w).pow(2).mean() - w.pow(2).mean())
         return total
 
     def loss_term(self, model: nn.Module, step: int, total_steps: int) -> Tensor | None:
@@ -95,13 +91,25 @@ class OscillationRegularizer(nn.Module, Hook):
         return self.lam * self.penalty(names)
 
 
-@register_method(
-    "oscreg",
-    options={"target_bits": 3, "lam": 1.0, "grid": "restricted"},
-    aliases={"lambda": "lam", "lambda_": "lam"},
-    needs_quant=False,
-)
-def _oscreg(model, quant, total_steps, target_bits, lam, grid) -> list[Hook]:
-    """Float training with the oscillation regularizer; logs PTQ accuracy at the target bits
-    (``val_ptq{b}_acc``, the paper's early-stopping metric)."""
+class PTQAccuracy(Hook):
+    """Evaluation-time metric ``ptq{b}_acc``: accuracy after round-to-nearest PTQ at ``bits``.
+
+    Lets early stopping and model selection use the quantized validation accuracy of a model
+    trained in float (Wenshøj et al.'s protocol): ``train.early_stop_metric=val_ptq3_acc``.
+    """
+
+    def __init__(self, bits: int, batch_size: int = 512) -> None:
+        self.bits = bits
+        self.batch_size = batch_size
+
+    def eval_metrics(self, model: nn.Module, data, split: str) -> dict | None:
+        acc = ptq_accuracy(model, getattr(data, split), self.bits, self.batch_size)
+        return {f"ptq{self.bits}_acc": acc}
+
+
+@register_method("oscreg", aliases={"lambda": "lam", "lambda_": "lam"}, needs_quant=False)
+def _oscreg(
+    model, quant, total_steps, target_bits: int = 3, lam: float = 1.0, grid: str = "restricted"
+) -> list[Hook]:
+    """Float training with the oscillation regularizer, then PTQ (Wenshøj et al. 2025)."""
     return [OscillationRegularizer(model, target_bits, lam, grid), PTQAccuracy(target_bits)]

@@ -15,8 +15,17 @@ from qatlab.quant.layers import (
 )
 from qatlab.quant.quantize import dequantize, quantization_disabled, quantize, set_bits
 from qatlab.quant.quantizer import Quantizer, fake_quantize, grid_range
+from qatlab.quant.transitions import TransitionCounter, Transitions, counted_layers
+from qatlab.quant.weights import (
+    KeptWeights,
+    keep_quantized_weights,
+    perturbed_weights,
+    quantized_weights,
+    release,
+)
 
 __all__ = [
+    "KeptWeights",
     "LayerInfo",
     "QuantConfig",
     "QuantConv1d",
@@ -24,18 +33,25 @@ __all__ = [
     "QuantLayer",
     "QuantLinear",
     "Quantizer",
+    "TransitionCounter",
+    "Transitions",
     "batch_inputs",
     "calibrate",
+    "counted_layers",
     "dequantize",
     "fake_quantize",
     "grid_range",
     "inspect",
     "is_quantized",
+    "keep_quantized_weights",
+    "perturbed_weights",
     "ptq",
     "quant_layers",
     "quantization_disabled",
     "quantize",
+    "quantized_weights",
     "quantizers",
     "reestimate_bn",
+    "release",
     "set_bits",
 ]

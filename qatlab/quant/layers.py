@@ -18,10 +18,22 @@ class QuantLayer:
     weight: nn.Parameter
     weight_quantizer: Quantizer
     input_quantizer: Quantizer | None
+    # set only inside qatlab.quant.weights' context managers (class defaults: off)
+    keep_qweight: bool = False  # keep q(w) of the next forward, with its gradient
+    kept_qweight: Tensor | None = None
+    qweight_delta: Tensor | None = None  # forward at q(w) + delta (no gradient through delta)
 
     def quantized_weight(self) -> Tensor:
-        """The weight as the forward pass uses it (fake-quantized unless disabled)."""
-        return self.weight_quantizer(self.weight)
+        """The weight as the forward pass uses it: ``q(w)`` (``w`` if disabled), plus
+        ``qweight_delta`` inside :func:`qatlab.quant.perturbed_weights`."""
+        w = self.weight_quantizer(self.weight)
+        if self.qweight_delta is not None:
+            w = w + self.qweight_delta
+        if self.keep_qweight:
+            if w.requires_grad and not w.is_leaf:
+                w.retain_grad()
+            self.kept_qweight = w
+        return w
 
     def weight_int(self) -> Tensor:
         """Integer view of the weight, from the weight quantizer."""

@@ -254,16 +254,33 @@ class Quantizer(nn.Module):
             count = x[0].numel() if x.dim() > 1 else x.numel()
         return 1.0 / math.sqrt(max(count, 1) * p)
 
+    def broadcast_step(self, x: Tensor) -> Tensor:
+        """The step in use, shaped to broadcast against ``x`` (``[C, 1, ...]`` per channel)."""
+        return _broadcast(self.current_step(x), x)
+
     @torch.no_grad()
     def integer(self, x: Tensor) -> Tensor:
-        """The integer tensor ``clamp(round(x / s), n, p)`` (``w_int``), without gradient."""
+        """The integer tensor ``clamp(round(x / s), n, p)`` (``w_int``), without gradient.
+
+        The one place integers are computed: transitions, tracking, freezing, the
+        regularizers and export all read them from here.
+        """
         n, p = self.grid_range
-        step = self.current_step(x)
-        if self.per_channel:
-            step = step.reshape(-1, *([1] * (x.dim() - 1)))
+        step = self.broadcast_step(x)
         if self.policy == "lsq+":
             x = x - self.offset
         return torch.clamp(torch.round(x * (1.0 / step)), n, p)
+
+    @torch.no_grad()
+    def from_integer(self, ints: Tensor, like: Tensor) -> Tensor:
+        """Dequantize: ``s * ints`` (plus the offset for ``lsq+``), shaped and typed like ``like``."""
+        value = ints.to(like.dtype) * self.broadcast_step(like)
+        return value + self.offset if self.policy == "lsq+" else value
+
+    @torch.no_grad()
+    def quantize_detached(self, x: Tensor) -> Tensor:
+        """``sg[q(x)]``: the quantized value without gradient (same numbers as ``forward``)."""
+        return self.from_integer(self.integer(x), x)
 
     # ---------------------------------------------------------------- initialisation
     @torch.no_grad()

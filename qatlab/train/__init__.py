@@ -15,7 +15,7 @@ from qatlab.train.config import (
     TrainConfig,
     load_config,
 )
-from qatlab.train.hooks import Hook
+from qatlab.methods.base import Hook
 from qatlab.train.loop import evaluate, fit
 from qatlab.train.runner import build, evaluate_checkpoint, ptq_sweep, run
 

@@ -97,7 +97,7 @@ class MethodConfig:
 
         if self.name == "auto":
             self.name = "qat" if quantized else "float"
-        self.options = methods.check_options(self)
+        self.options = methods.check_options(self.name, self.options)
         return self
 
     @classmethod

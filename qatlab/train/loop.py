@@ -35,7 +35,8 @@ from qatlab.train.checkpoint import (
     set_rng_state,
 )
 from qatlab.train.config import TrainConfig
-from qatlab.train.hooks import Hook
+from qatlab.measure.accuracy import evaluate
+from qatlab.methods.base import Hook
 from qatlab.train.metrics import MetricsLog, read_jsonl, write_json
 
 if TYPE_CHECKING:
@@ -45,34 +46,6 @@ if TYPE_CHECKING:
 # train.* fields that may change when a run is resumed (everything else must match)
 RESUMABLE = ("epochs", "device", "progress", "log_every", "eval_batch_size", "patience")
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset, batch_size: int = 512, device: torch.device | None = None
-) -> dict[str, float]:
-    """Mean cross-entropy ``loss`` and accuracy ``acc`` of ``model`` on ``dataset`` (eval mode)."""
-    from qatlab.data import make_loader
-
-    was_training = model.training
-    model.eval()
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
-    for x, y in make_loader(dataset, batch_size, shuffle=False):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        count += len(y)
-    model.train(was_training)
-    if count == 0:
-        return {"loss": math.nan, "acc": math.nan}
-    return {"loss": float(loss) / count, "acc": float(correct) / count}
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -209,7 +182,7 @@ def fit(
             group["initial_lr"] = group["lr"]
         optimizer = base
         for hook in hooks:
-            optimizer = hook.wrap_optimizer(optimizer)
+            optimizer = hook.wrap_optimizer(optimizer, model)
         net = model
         if dev.enabled:
             ids = [dev.device.index] if dev.device.type == "cuda" else None

@@ -103,7 +103,7 @@ def build(cfg: RunConfig, *, resume: bool = False):
         if not resuming and cfg.train.calib_batches > 0:
             calibrate(model, train_loader(data, cfg.train, 0), cfg.train.calib_batches)
     total_steps = cfg.train.epochs * count_steps(data, cfg.train)
-    hooks = build_hooks(cfg.method, model, cfg.quant, total_steps)
+    hooks = build_hooks(cfg.method.name, cfg.method.options, model, cfg.quant, total_steps)
     return model, data, hooks
 
 

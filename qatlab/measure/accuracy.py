@@ -1,0 +1,36 @@
+"""Accuracy and loss of a model on a dataset: the measurement every other one starts from."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset, batch_size: int = 512, device: torch.device | None = None
+) -> dict[str, float]:
+    """Mean cross-entropy ``loss`` and accuracy ``acc`` of ``model`` on ``dataset`` (eval mode)."""
+    from qatlab.data import make_loader
+
+    was_training = model.training
+    model.eval()
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for x, y in make_loader(dataset, batch_size, shuffle=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        count += len(y)
+    model.train(was_training)
+    if count == 0:
+        return {"loss": math.nan, "acc": math.nan}
+    return {"loss": float(loss) / count, "acc": float(correct) / count}
