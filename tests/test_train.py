@@ -16,7 +16,7 @@ import yaml
 import qatlab
 from qatlab.errors import ConfigError
 from qatlab.methods import build_hooks, check_options, register_method
-from qatlab.train import Hook, MethodConfig, RunConfig, TrainConfig, fit, load_config
+from qatlab.train import Hook, RunConfig, TrainConfig, fit, load_config
 from qatlab.train.checkpoint import load_checkpoint
 from qatlab.train.loop import lr_factor, make_optimizer, quantizer_parameters
 from qatlab.train.metrics import read_jsonl

@@ -283,7 +283,9 @@ class IterativeFreezing(OscillationTracker):
             if not frozen.any():
                 continue
             layer = layers[name]
-            value = layer.weight_quantizer.from_integer(self.buffer(name, "frozen_int"), layer.weight)
+            value = layer.weight_quantizer.from_integer(
+                self.buffer(name, "frozen_int"), layer.weight
+            )
             layer.weight.data.copy_(torch.where(frozen, value, layer.weight.data))
 
     def frozen(self, name: str) -> Tensor:

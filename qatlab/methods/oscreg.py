@@ -79,7 +79,9 @@ class OscillationRegularizer(nn.Module, Hook):
         total = 0.0
         for name, layer in self.layers.items():
             w = layer.weight
-            total += float(self.quantizer(name).quantize_detached(w).pow(2).mean() - w.pow(2).mean())
+            total += float(
+                self.quantizer(name).quantize_detached(w).pow(2).mean() - w.pow(2).mean()
+            )
         return total
 
     def loss_term(self, model: nn.Module, step: int, total_steps: int) -> Tensor | None:

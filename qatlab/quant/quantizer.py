@@ -273,7 +273,7 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def from_integer(self, ints: Tensor, like: Tensor) -> Tensor:
-        """Dequantize: ``s * ints`` (plus the offset for ``lsq+``), shaped and typed like ``like``."""
+        """Dequantize: ``s * ints`` (plus the offset for ``lsq+``), shaped like ``like``."""
         value = ints.to(like.dtype) * self.broadcast_step(like)
         return value + self.offset if self.policy == "lsq+" else value
 

@@ -6,6 +6,7 @@ Two ways in: ``fit(model, data, TrainConfig(...), hooks=[...])`` for a model you
 config (what ``qatlab train`` does).
 """
 
+from qatlab.methods.base import Hook
 from qatlab.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from qatlab.train.config import (
     DataConfig,
@@ -15,7 +16,6 @@ from qatlab.train.config import (
     TrainConfig,
     load_config,
 )
-from qatlab.methods.base import Hook
 from qatlab.train.loop import evaluate, fit
 from qatlab.train.runner import build, evaluate_checkpoint, ptq_sweep, run
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatlab.errors import ConfigError
+from qatlab.measure.accuracy import evaluate
+from qatlab.methods.base import Hook
 from qatlab.quant import Quantizer, reestimate_bn
 from qatlab.train import distributed
 from qatlab.train.checkpoint import (
@@ -35,8 +37,6 @@ from qatlab.train.checkpoint import (
     set_rng_state,
 )
 from qatlab.train.config import TrainConfig
-from qatlab.measure.accuracy import evaluate
-from qatlab.methods.base import Hook
 from qatlab.train.metrics import MetricsLog, read_jsonl, write_json
 
 if TYPE_CHECKING:
