@@ -6,7 +6,7 @@ The idiom::
     # ... your own training loop ...
 """
 
-from qatlab.errors import CheckpointError, ConfigError, DataError
+from qatlab.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from qatlab.quant import (
     QuantConfig,
     Quantizer,
@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "TrainingDiverged",
     "QuantConfig",
     "Quantizer",
     "calibrate",

@@ -16,3 +16,11 @@ class DataError(ConfigError):
 
 class CheckpointError(ConfigError):
     """A checkpoint is missing, truncated, or does not fit the model."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite or exploding loss; the run stopped without saving it.
+
+    The CLI prints its one-line message and exits with code 3; a comparison grid records the
+    cell as failed with this message as the reason.
+    """
