@@ -139,6 +139,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 0  # also log train loss/LR every N steps (0 = per epoch only)
+    log_transitions: bool = True  # quantized runs: log the transition rate ``tr`` per epoch
+    divergence_factor: float = 100.0  # stop when the loss exceeds this x the first (0 = never)
     progress: bool = True  # tqdm bar (shown only when stderr is a terminal)
 
     @classmethod
@@ -159,7 +161,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {value}")
-        for name in ("weight_decay", "momentum", "min_lr", "calib_batches", "log_every"):
+        for name in (
+            "weight_decay",
+            "momentum",
+            "min_lr",
+            "calib_batches",
+            "log_every",
+            "divergence_factor",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.patience is not None:

@@ -96,3 +96,11 @@ def barrier(info: Dist) -> None:
     """Wait for every process (so no rank reads a checkpoint rank 0 is still writing)."""
     if info.enabled:
         dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, info: Dist) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when several processes train it, else itself."""
+    if not info.enabled:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

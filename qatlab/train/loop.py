@@ -9,13 +9,15 @@ schedule of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatlab.errors import ConfigError
+from qatlab.errors import ConfigError, TrainingDiverged
 from qatlab.measure.accuracy import evaluate
 from qatlab.methods.base import Hook
-from qatlab.quant import Quantizer, reestimate_bn
+from qatlab.quant import Quantizer, TransitionCounter, is_quantized, reestimate_bn
 from qatlab.train import distributed
 from qatlab.train.checkpoint import (
     load_checkpoint,
@@ -44,7 +46,15 @@ if TYPE_CHECKING:
     from qatlab.train.config import RunConfig
 
 # train.* fields that may change when a run is resumed (everything else must match)
-RESUMABLE = ("epochs", "device", "progress", "log_every", "eval_batch_size", "patience")
+RESUMABLE = (
+    "epochs",
+    "device",
+    "progress",
+    "log_every",
+    "eval_batch_size",
+    "patience",
+    "divergence_factor",
+)
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
 
 
@@ -131,7 +141,100 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: in
     return cfg.min_lr + (1.0 - cfg.min_lr) * cosine
 
 
+# ----------------------------------------------------------------------------- one step
+@dataclass
+class StepOutput:
+    """What one training step gives back: the first pass's task loss and logits (detached),
+    and the metrics the hooks' ``after_step`` returned."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    metrics: dict[str, Any]
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: Any,
+    hooks: Sequence[Hook] = (),
+    step: int = 0,
+    total_steps: int = 1,
+    *,
+    net: nn.Module | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> StepOutput:
+    """One optimizer step with every hook: loss terms, optimizer wrappers, after-step callbacks.
+
+    ``optimizer`` is the (possibly wrapped) optimizer; it calls the closure once or more (a
+    two-pass wrapper twice); the first pass is what is returned. ``net`` is what runs the
+    forward pass (a DDP wrapper of ``model``); hooks always see the bare ``model``. The
+    caller sets the learning rate in ``optimizer.param_groups`` beforehand (the loop owns it).
+    """
+    net = model if net is None else net
+    first: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def closure(sync: bool = True) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        no_sync = getattr(net, "no_sync", None)
+        with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+            out = net(x)
+            loss = loss_fn(out, y)
+            if not first:
+                first.append((loss.detach(), out.detach()))
+            total = loss
+            for hook in hooks:
+                term = hook.loss_term(model, step, total_steps)
+                if term is not None:
+                    total = total + term
+            total.backward()
+        return total
+
+    optimizer.step(closure)
+    metrics: dict[str, Any] = {}
+    for hook in hooks:
+        metrics.update(hook.after_step(model, step, total_steps) or {})
+    loss, logits = first[0]
+    return StepOutput(loss, logits, metrics)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, hooks: Sequence[Hook] = ()) -> Any:
+    """``make_optimizer`` with ``initial_lr`` in every group, wrapped by each hook in order."""
+    optimizer = make_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    for hook in hooks:
+        optimizer = hook.wrap_optimizer(optimizer, model)
+    return optimizer
+
+
+def transition_counter(model: nn.Module, hooks: Sequence[Hook] = ()) -> TransitionCounter | None:
+    """The counter behind the ``tr`` log: a hook's own (``hook.transitions``) when it has one,
+    so transitions are computed once per step; a new one otherwise; None for a float model."""
+    if not is_quantized(model):
+        return None
+    for hook in hooks:
+        counter = getattr(hook, "transitions", None)
+        if isinstance(counter, TransitionCounter):
+            return counter
+    return TransitionCounter(model)
+
+
 # ----------------------------------------------------------------------------- fit
+@dataclass
+class TrainState:
+    """Counters of a run, saved in ``ckpt.pt`` (at its top level)."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    elapsed: float = 0.0
+    stopped_early: bool = False
+    first_loss: float | None = None  # the first step's loss: the scale divergence is judged by
+
+
 def fit(
     model: nn.Module,
     data: DataBundle,
@@ -145,23 +248,18 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train``; return the summary (also ``run_dir/summary.json``).
 
-    Every epoch: train, (re-estimate BN), evaluate on ``data.val`` plus the hooks' eval
-    metrics, track the best ``cfg.early_stop_metric`` (``best.pt``), write ``ckpt.pt``
-    atomically, append to ``metrics.jsonl``. ``resume=True`` continues from ``ckpt.pt`` and
-    ends with exactly the weights of an uninterrupted run. Under torchrun the model is wrapped
-    in DDP and only rank 0 writes. ``run_config`` (when given) is saved so ``qatlab eval`` and
-    ``qatlab ptq`` can rebuild the model from the checkpoint alone.
+    Every epoch: train (:func:`train_step` per batch), (re-estimate BN), evaluate on
+    ``data.val`` plus the hooks' eval metrics, keep the best ``cfg.early_stop_metric``
+    (``best.pt``), write ``ckpt.pt`` atomically, append to ``metrics.jsonl``. ``resume=True``
+    continues from ``ckpt.pt`` and ends with exactly the weights of an uninterrupted run. A
+    non-finite or exploding loss raises :class:`qatlab.errors.TrainingDiverged` before
+    anything of that epoch is saved. Under torchrun the model is wrapped in DDP and only rank 0
+    writes. ``run_config`` (when given) is saved so ``qatlab eval``/``ptq`` can rebuild the
+    model from the checkpoint alone.
     """
     cfg = dataclasses.replace(cfg).validate()
     run_dir = Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_dir / "ckpt.pt" if run_dir is not None else None
-    resuming = resume and ckpt_path is not None and ckpt_path.exists()
-    if run_dir is not None and not resume:
-        check_run_dir(run_dir)
-    ckpt = load_checkpoint(ckpt_path) if resuming else None
-    if ckpt is not None:
-        _check_resumable(ckpt, cfg, run_config, ckpt_path)
-
+    ckpt = _checkpoint_to_resume(run_dir, resume, cfg, run_config)
     dev = distributed.setup(cfg.device)
     hooks = list(hooks)
     log = None
@@ -171,218 +269,70 @@ def fit(
             if isinstance(hook, nn.Module):
                 hook.to(dev.device)
         seed_everything(cfg.seed)
-
-        def loader(epoch: int):
-            return train_loader(data, cfg, epoch, dev.rank, dev.world_size)
-
         steps_per_epoch = count_steps(data, cfg, dev.world_size)
         total_steps = cfg.epochs * steps_per_epoch
-        base = make_optimizer(model, cfg)
-        for group in base.param_groups:
-            group["initial_lr"] = group["lr"]
-        optimizer = base
-        for hook in hooks:
-            optimizer = hook.wrap_optimizer(optimizer, model)
-        net = model
-        if dev.enabled:
-            ids = [dev.device.index] if dev.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-        state = {
-            "epoch": 0,
-            "step": 0,
-            "best": None,
-            "best_epoch": 0,
-            "bad_epochs": 0,
-            "elapsed": 0.0,
-            "stopped_early": False,
-        }
-        metric, mode = cfg.early_stop_metric, cfg.mode
-        records: list[dict[str, Any]] = []
-        best_state = None
-        if ckpt is not None:
-            load_model_state(model, ckpt["model"], ckpt_path)
-            base.load_state_dict(ckpt["optimizer"])
-            for group in base.param_groups:  # the schedule sets lr from initial_lr every step
-                group.setdefault("initial_lr", group["lr"])
-            for hook, hook_state in zip(hooks, ckpt["hooks"], strict=True):
-                hook.load_state_dict(hook_state)
-            state.update({k: ckpt[k] for k in state if k in ckpt})
-            best_path = run_dir / "best.pt"
-            if cfg.restore_best and best_path.exists():
-                best_state = load_checkpoint(best_path)["model"]
-            records = [
-                r
-                for r in read_jsonl(run_dir / "metrics.jsonl")
-                if "val_loss" in r and r.get("epoch", 0) <= state["epoch"]
-            ]
-            set_rng_state(ckpt["rng"])
-        else:  # epoch 0: where training starts, and a check that the early-stop metric exists
-            record = {"epoch": 0, "step": 0, **_eval(model, data, cfg, hooks, "val", 0)}
-            names = set(record) | {"train_loss", "train_acc"}
-            if metric not in names:
-                raise ConfigError(
-                    f"train.early_stop_metric {metric!r} is not a logged metric; choose one of "
-                    + ", ".join(sorted(n for n in names if n not in ("epoch", "step")))
-                )
-            records.append(record)
-
+        optimizer = build_optimizer(model, cfg, hooks)
+        net = distributed.wrap_model(model, dev)
+        state, best_state = TrainState(), None
+        if ckpt is None:
+            records = [_start_record(model, data, cfg, hooks)]
+        else:
+            records, best_state = _restore(ckpt, model, optimizer, hooks, state, run_dir, cfg)
+        counter = transition_counter(model, hooks) if cfg.log_transitions else None
         if run_dir is not None and dev.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if run_config is not None:
-                from qatlab.train.config import write_yaml
-
-                write_yaml(run_config.to_dict(), run_dir / "config.yaml")
-            log = MetricsLog(
-                run_dir / "metrics.jsonl", keep_epochs=state["epoch"] if ckpt is not None else None
-            )
-            if ckpt is None:
-                log.write(records[0])
-        if verbose and dev.is_main and ckpt is None:
-            print(_line(records[0], cfg.epochs), flush=True)
-        if verbose and dev.is_main and ckpt is not None:
-            print(f"resumed from {ckpt_path} after epoch {state['epoch']}", flush=True)
+            log = _open_log(run_dir, run_config, records, state.epoch if ckpt else None)
+        if verbose and dev.is_main:
+            resumed = f"resumed from {run_dir / 'ckpt.pt'} after epoch {state.epoch}"
+            print(resumed if ckpt else _line(records[0], cfg.epochs), flush=True)
 
         meta = _meta(model, data, run_config)
-        loss_hooks = [h for h in hooks if type(h).loss_term is not Hook.loss_term]
-        step_hooks = [h for h in hooks if type(h).after_step is not Hook.after_step]
-        show_bar = cfg.progress and dev.is_main and sys.stderr.isatty()
-        step = state["step"]
-        epoch = state["epoch"]
-        while epoch < cfg.epochs and not state["stopped_early"]:
-            epoch += 1
+        metric, mode = cfg.early_stop_metric, cfg.mode
+        while state.epoch < cfg.epochs and not state.stopped_early:
             start = time.perf_counter()
-            net.train()
-            sums = torch.zeros(3, dtype=torch.float64, device=dev.device)  # loss, correct, n
-            bar = _bar(show_bar, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
-            try:
-                for x, y in loader(epoch - 1):
-                    x = x.to(dev.device, non_blocking=True)
-                    y = y.to(dev.device, non_blocking=True)
-                    factor = lr_factor(cfg, step, steps_per_epoch, total_steps)
-                    for group in base.param_groups:
-                        group["lr"] = group["initial_lr"] * factor
-                    first: list = []
-
-                    def closure(x=x, y=y, step=step, first=first):
-                        base.zero_grad(set_to_none=True)
-                        out = net(x)
-                        loss = F.cross_entropy(out, y)
-                        if not first:  # the first pass of a multi-pass step is what we log
-                            first.append((loss.detach(), out.detach()))
-                        total = loss
-                        for hook in loss_hooks:
-                            term = hook.loss_term(model, step, total_steps)
-                            if term is not None:
-                                total = total + term
-                        total.backward()
-                        return total
-
-                    optimizer.step(closure)
-                    loss, out = first[0]
-                    sums[0] += loss * len(y)
-                    sums[1] += (out.argmax(1) == y).sum()
-                    sums[2] += len(y)
-                    logged: dict[str, Any] = {}
-                    for hook in step_hooks:
-                        logged.update(hook.after_step(model, step, total_steps) or {})
-                    step += 1
-                    if cfg.log_every and step % cfg.log_every == 0:
-                        logged.update(train_loss_step=float(loss), lr=factor * cfg.lr)
-                    if logged and log is not None:
-                        log.write({"epoch": epoch, "step": step, **_numbers(logged)})
-                    if bar is not None:
-                        bar.update(1)
-                        if step % 10 == 0:
-                            bar.set_postfix(loss=f"{float(loss):.4f}")
-            finally:
-                if bar is not None:
-                    bar.close()
-            distributed.all_reduce_sum(sums, dev)
-            distributed.sync_buffers(model, dev)
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "lr": lr_factor(cfg, step - 1, steps_per_epoch, total_steps) * cfg.lr,
-                "train_loss": float(sums[0] / sums[2]),
-                "train_acc": float(sums[1] / sums[2]),
-                **_eval(model, data, cfg, hooks, "val", epoch),
-            }
-            state["elapsed"] += time.perf_counter() - start
+            epoch = state.epoch + 1
+            record = _train_epoch(
+                model, net, data, cfg, optimizer, hooks, counter, state, log, dev, total_steps
+            )
+            record.update(_eval(model, data, cfg, hooks, "val", epoch))
+            state.elapsed += time.perf_counter() - start
             record["time_s"] = round(time.perf_counter() - start, 3)
             records.append(record)
-            value = record.get(metric)
-            if _improved(value, state["best"], mode):
-                state.update(best=value, best_epoch=epoch, bad_epochs=0)
-                if cfg.restore_best or run_dir is not None:
-                    best_state = _cpu_copy(model.state_dict())
-                if run_dir is not None and dev.is_main:
-                    save_checkpoint(
-                        run_dir / "best.pt",
-                        {"model": best_state, "epoch": epoch, "metrics": record, **meta},
-                    )
-            else:
-                state["bad_epochs"] += 1
-            if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
-                state["stopped_early"] = True
-            state.update(epoch=epoch, step=step)
             if log is not None:
                 log.write(record)
                 log.flush()
+            _check_divergence(record, state, cfg)
+            if _improved(record.get(metric), state.best, mode):
+                state.best, state.best_epoch, state.bad_epochs = record[metric], epoch, 0
+                if cfg.restore_best or run_dir is not None:
+                    best_state = _cpu_copy(model.state_dict())
+                if run_dir is not None and dev.is_main:
+                    best = {"model": best_state, "epoch": epoch, "metrics": record, **meta}
+                    save_checkpoint(run_dir / "best.pt", best)
+            else:
+                state.bad_epochs += 1
+            state.stopped_early = cfg.patience is not None and state.bad_epochs >= cfg.patience
+            state.epoch = epoch
             if run_dir is not None and dev.is_main:
                 save_checkpoint(
-                    ckpt_path,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": base.state_dict(),
-                        "hooks": [h.state_dict() for h in hooks],
-                        **state,
-                        "rng": rng_state(),
-                        "train": dataclasses.asdict(cfg),
-                        **meta,
-                    },
+                    run_dir / "ckpt.pt",
+                    _train_checkpoint(model, optimizer, hooks, state, cfg, meta),
                 )
             distributed.barrier(dev)
             if verbose and dev.is_main:
                 print(_line(record, cfg.epochs), flush=True)
 
-        final_epoch = epoch
-        if cfg.restore_best and best_state is not None and state["best_epoch"] != epoch:
-            model.load_state_dict(best_state)
-            final_epoch = state["best_epoch"]
-        chosen = next((r for r in records if r["epoch"] == final_epoch), {})
-        summary = {
-            "name": run_config.name if run_config is not None else None,
-            "epochs_run": epoch,
-            "steps": step,
-            "stopped_early": state["stopped_early"],
-            "best_metric": metric,
-            "best_value": state["best"],
-            "best_epoch": state["best_epoch"],
-            "final_epoch": final_epoch,
-            **{k: v for k, v in chosen.items() if k.startswith("val_")},
-            **_eval(model, data, cfg, hooks, "test", None),
-        }
-        train_eval = evaluate(model, data.train_eval, cfg.eval_batch_size)
-        summary.update(train_eval_loss=train_eval["loss"], train_eval_acc=train_eval["acc"])
-        summary["wall_time_s"] = round(state["elapsed"], 3)
-        summary["config"] = (
-            run_config.to_dict() if run_config is not None else {"train": dataclasses.asdict(cfg)}
-        )
+        summary = _summary(model, data, cfg, hooks, state, records, best_state, run_config)
         if run_dir is not None and dev.is_main:
             log.close()
             write_json(run_dir / "summary.json", summary)
             from qatlab.train.plots import plot_curves
 
-            plot_curves(
-                read_jsonl(run_dir / "metrics.jsonl"),
-                run_dir / "curves.png",
-                title=summary["name"] or "",
-            )
+            records = read_jsonl(run_dir / "metrics.jsonl")
+            plot_curves(records, run_dir / "curves.png", title=summary["name"] or "")
         if verbose and dev.is_main:
             print(
                 f"test acc {summary['test_acc']:.4f} loss {summary['test_loss']:.4f} "
-                f"(epoch {final_epoch}; {summary['wall_time_s']:.1f}s training)",
+                f"(epoch {summary['final_epoch']}; {summary['wall_time_s']:.1f}s training)",
                 flush=True,
             )
         return summary
@@ -390,6 +340,250 @@ def fit(
         if log is not None:
             log.close()
         distributed.teardown(dev)
+
+
+def _train_epoch(
+    model: nn.Module,
+    net: nn.Module,
+    data,
+    cfg: TrainConfig,
+    optimizer: Any,
+    hooks: Sequence[Hook],
+    counter: TransitionCounter | None,
+    state: TrainState,
+    log: MetricsLog | None,
+    dev: distributed.Dist,
+    total_steps: int,
+) -> dict[str, Any]:
+    """One epoch of :func:`train_step`; returns the epoch record's training part (loss,
+    accuracy, LR and, for a quantized model, the mean transition rate ``tr`` and ``tr/<layer>``)."""
+    epoch = state.epoch + 1
+    steps_per_epoch = total_steps // cfg.epochs
+    net.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=dev.device)  # loss, correct, n
+    changed: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    show_bar = cfg.progress and dev.is_main and sys.stderr.isatty()
+    bar = _bar(show_bar, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+    try:
+        for x, y in train_loader(data, cfg, epoch - 1, dev.rank, dev.world_size):
+            x = x.to(dev.device, non_blocking=True)
+            y = y.to(dev.device, non_blocking=True)
+            factor = lr_factor(cfg, state.step, steps_per_epoch, total_steps)
+            for group in optimizer.param_groups:  # the loop owns the LR (methods.base, rule 1)
+                group["lr"] = group["initial_lr"] * factor
+            out = train_step(model, x, y, optimizer, hooks, state.step, total_steps, net=net)
+            sums[0] += out.loss * len(y)
+            sums[1] += (out.logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+            logged = out.metrics
+            if counter is not None:
+                moves = counter.update(model, state.step)
+                for name, (n_changed, _, _, size) in moves.counts().items():
+                    changed[name] = changed.get(name, 0) + n_changed
+                    sizes[name] = size
+            if state.first_loss is None:
+                state.first_loss = float(out.loss)
+            state.step += 1
+            if cfg.log_every and state.step % cfg.log_every == 0:
+                logged = {**logged, "train_loss_step": float(out.loss), "lr": factor * cfg.lr}
+                if counter is not None:
+                    logged.update(moves.metrics())
+            if logged and log is not None:
+                log.write({"epoch": epoch, "step": state.step, **_numbers(logged)})
+            if state.step % 10 == 0 and not dev.enabled:
+                _check_divergence({"train_loss": float(sums[0] / sums[2])}, state, cfg)
+            if bar is not None:
+                bar.update(1)
+                if state.step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(out.loss):.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    distributed.all_reduce_sum(sums, dev)
+    distributed.sync_buffers(model, dev)
+    record = {
+        "epoch": epoch,
+        "step": state.step,
+        "lr": lr_factor(cfg, state.step - 1, steps_per_epoch, total_steps) * cfg.lr,
+        "train_loss": float(sums[0] / sums[2]),
+        "train_acc": float(sums[1] / sums[2]),
+    }
+    if changed:
+        total = max(sum(sizes.values()), 1) * steps_per_epoch
+        record["tr"] = sum(changed.values()) / total
+        record.update({f"tr/{n}": c / (sizes[n] * steps_per_epoch) for n, c in changed.items()})
+    return record
+
+
+def _check_divergence(record: dict[str, Any], state: TrainState, cfg: TrainConfig) -> None:
+    """Raise TrainingDiverged if the training loss is not finite, or (``divergence_factor``)
+    more than that many times the first step's loss."""
+    loss = record.get("train_loss")
+    if loss is None:
+        return
+    exploded = (
+        cfg.divergence_factor
+        and state.first_loss is not None
+        and loss > cfg.divergence_factor * max(state.first_loss, 1.0)
+    )
+    if math.isfinite(loss) and not exploded:
+        return
+    what = (
+        "not finite"
+        if not math.isfinite(loss)
+        else f"{loss:.3g}, {loss / state.first_loss:.0f}x the first step's"
+    )
+    raise TrainingDiverged(
+        f"training diverged in epoch {state.epoch + 1} (step {state.step}): the training loss "
+        f"is {what}; nothing of this epoch was saved; lower train.lr (now {cfg.lr:g})"
+    )
+
+
+def _checkpoint_to_resume(
+    run_dir: Path | None, resume: bool, cfg: TrainConfig, run_config: RunConfig | None
+) -> dict[str, Any] | None:
+    """The checkpoint a resumed run continues from (None for a fresh run); a resume with
+    nothing to resume, or with other settings, is refused with one line."""
+    if run_dir is None:
+        if resume:
+            raise ConfigError("resume=True needs the run_dir of the run to continue")
+        return None
+    ckpt_path = run_dir / "ckpt.pt"
+    if not resume:
+        check_run_dir(run_dir)
+        return None
+    if not ckpt_path.exists():
+        if not run_dir.is_dir():
+            raise ConfigError(f"nothing to resume: there is no run at {run_dir} (check --name)")
+        finished = [n for n in ("best.pt", "summary.json") if (run_dir / n).exists()]
+        if finished:
+            raise ConfigError(
+                f"cannot resume {run_dir}: its ckpt.pt is missing (it holds {finished[0]}); "
+                "start a new run under another --name"
+            )
+        return None  # stopped before its first checkpoint: nothing saved, start over
+    ckpt = load_checkpoint(ckpt_path)
+    _check_resumable(ckpt, cfg, run_config, ckpt_path)
+    return ckpt
+
+
+def _start_record(model: nn.Module, data, cfg: TrainConfig, hooks: Sequence[Hook]) -> dict:
+    """The epoch-0 record (where training starts), and a check that the early-stopping metric
+    is one that gets logged."""
+    record = {"epoch": 0, "step": 0, **_eval(model, data, cfg, hooks, "val", 0)}
+    names = set(record) | {"train_loss", "train_acc"}
+    if cfg.early_stop_metric not in names:
+        raise ConfigError(
+            f"train.early_stop_metric {cfg.early_stop_metric!r} is not a logged metric; choose "
+            "one of " + ", ".join(sorted(n for n in names if n not in ("epoch", "step")))
+        )
+    return record
+
+
+def _restore(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: Any,
+    hooks: Sequence[Hook],
+    state: TrainState,
+    run_dir: Path,
+    cfg: TrainConfig,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Load model, optimizer (wrappers included), hooks, counters and RNG states from
+    ``ckpt``; return the epoch records logged so far and the best weights."""
+    load_model_state(model, ckpt["model"], run_dir / "ckpt.pt")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the schedule sets lr from initial_lr every step
+        group.setdefault("initial_lr", group["lr"])
+    for hook, hook_state in zip(hooks, ckpt["hooks"], strict=True):
+        hook.load_state_dict(hook_state)
+    for f in dataclasses.fields(state):
+        if f.name in ckpt:
+            setattr(state, f.name, ckpt[f.name])
+    best_state = None
+    if cfg.restore_best and (run_dir / "best.pt").exists():
+        best_state = load_checkpoint(run_dir / "best.pt")["model"]
+    records = [
+        r
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if "val_loss" in r and r.get("epoch", 0) <= state.epoch
+    ]
+    set_rng_state(ckpt["rng"])
+    return records, best_state
+
+
+def _open_log(
+    run_dir: Path, run_config: RunConfig | None, records: list[dict], keep_epochs: int | None
+) -> MetricsLog:
+    """Write ``config.yaml`` and open ``metrics.jsonl`` (a fresh run logs its epoch 0)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_config is not None:
+        from qatlab.train.config import write_yaml
+
+        write_yaml(run_config.to_dict(), run_dir / "config.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=keep_epochs)
+    if keep_epochs is None:
+        log.write(records[0])
+    return log
+
+
+def _train_checkpoint(
+    model: nn.Module,
+    optimizer: Any,
+    hooks: Sequence[Hook],
+    state: TrainState,
+    cfg: TrainConfig,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything ``--resume`` needs: the outermost optimizer's state (wrappers nest theirs),
+    hook states, counters, RNG states and the training settings."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "hooks": [h.state_dict() for h in hooks],
+        **dataclasses.asdict(state),
+        "rng": rng_state(),
+        "train": dataclasses.asdict(cfg),
+        **meta,
+    }
+
+
+def _summary(
+    model: nn.Module,
+    data,
+    cfg: TrainConfig,
+    hooks: Sequence[Hook],
+    state: TrainState,
+    records: list[dict[str, Any]],
+    best_state: dict[str, Any] | None,
+    run_config: RunConfig | None,
+) -> dict[str, Any]:
+    """End with the best weights (``restore_best``), then test and train-eval accuracy."""
+    final_epoch = state.epoch
+    if cfg.restore_best and best_state is not None and state.best_epoch != state.epoch:
+        model.load_state_dict(best_state)
+        final_epoch = state.best_epoch
+    chosen = next((r for r in records if r["epoch"] == final_epoch), {})
+    summary = {
+        "name": run_config.name if run_config is not None else None,
+        "epochs_run": state.epoch,
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "best_metric": cfg.early_stop_metric,
+        "best_value": state.best,
+        "best_epoch": state.best_epoch,
+        "final_epoch": final_epoch,
+        **{k: v for k, v in chosen.items() if k.startswith("val_")},
+        **_eval(model, data, cfg, hooks, "test", None),
+    }
+    train_eval = evaluate(model, data.train_eval, cfg.eval_batch_size)
+    summary.update(train_eval_loss=train_eval["loss"], train_eval_acc=train_eval["acc"])
+    summary["wall_time_s"] = round(state.elapsed, 3)
+    summary["config"] = (
+        run_config.to_dict() if run_config is not None else {"train": dataclasses.asdict(cfg)}
+    )
+    return summary
 
 
 def train_loader(data, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1):
