@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model from a YAML config and/or flags. Without "
         "--wbits (and no quant section in the config) the model trains in float. "
         "Precedence: config file < flags < --set.",
+        epilog=_methods_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("--name", help="run name: results go to OUT_DIR/NAME (default: derived)")
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", type=int, help="weight bit width (2-8): quantization-aware training")
     p.add_argument("--abits", type=_abits, help="activation bit width, or 'none' (default: 4)")
     p.add_argument("--weights-only", action="store_true", help="quantize weights only")
-    p.add_argument("--method", help="training method (float, qat, or a registered method)")
+    p.add_argument("--method", help="training method (see the list below)")
     p.add_argument("--lambda", dest="lambda_", type=float, help="method option 'lambda'")
     p.add_argument("--target-bits", type=int, help="method option 'target_bits'")
     p.add_argument("--rho", type=float, help="method option 'rho'")
@@ -144,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _methods_epilog() -> str:
+    """``--method`` choices with their one-line descriptions and options, from the registry."""
+    from qatlab.methods import METHODS
+
+    lines = ["methods (--method NAME, options with --set method.OPTION=VALUE):"]
+    for name, spec in sorted(METHODS.items()):
+        lines.append(f"  {name:<9} {spec.description}")
+        if spec.options:
+            opts = ", ".join(f"{k}={v!r}" for k, v in spec.options.items())
+            lines.append(
+                textwrap.fill(opts, 96, initial_indent=" " * 14, subsequent_indent=" " * 14)
+            )
+    return "\n".join(lines)
 
 
 def _abits(text: str) -> int | str:

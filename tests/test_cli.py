@@ -190,7 +190,10 @@ def _bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--model", "resnet1000"], "model.name must be one of"),
         (["train", "--wbits", "1"], "bit width must be an integer from 2 to 8, got 1"),
         (["train", "--wbits", "4", "--abits", "9"], "bit width must be an integer from 2 to 8"),
-        (["train", "--dataset", "cifar10", "--data-dir", str(tmp / "nowhere")], ""),
+        (
+            ["train", "--dataset", "cifar10", "--data-dir", str(tmp / "nowhere")],
+            "CIFAR-10 not found",
+        ),
         (["train", "--config", str(tmp / "typo.yaml")], "did you mean 'epochs'"),
         (["train", "--config", str(tmp / "broken.yaml")], "not valid YAML"),
         (["train", "--config", str(tmp / "missing.yaml")], "cannot read config file"),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatlab.errors import ConfigError, TrainingDiverged
+from qatlab.errors import CheckpointError, ConfigError, TrainingDiverged
 from qatlab.measure.accuracy import evaluate
 from qatlab.methods.base import Hook
 from qatlab.quant import Quantizer, TransitionCounter, is_quantized, reestimate_bn
@@ -496,6 +496,11 @@ def _restore(
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # the schedule sets lr from initial_lr every step
         group.setdefault("initial_lr", group["lr"])
+    if len(hooks) != len(ckpt["hooks"]):
+        raise CheckpointError(
+            f"cannot resume {run_dir}: its checkpoint holds {len(ckpt['hooks'])} method hook "
+            f"states but this run has {len(hooks)} hooks; resume with the run's own method"
+        )
     for hook, hook_state in zip(hooks, ckpt["hooks"], strict=True):
         hook.load_state_dict(hook_state)
     for f in dataclasses.fields(state):
