@@ -326,7 +326,7 @@ def test_method_options_aliases_and_types():
 
     opts = check_options("_toy", {"lambda": 2, "bits": 4})
     assert opts == {"lambda_max": 2.0, "start": 0.25, "bits": 4}
-    with pytest.raises(ConfigError, match="method.bits must be like 3"):
+    with pytest.raises(ConfigError, match="method.bits must be an integer, got 2.5"):
         check_options("_toy", {"bits": 2.5})
     with pytest.raises(ConfigError, match="did you mean 'start'"):
         check_options("_toy", {"strat": 0.5})

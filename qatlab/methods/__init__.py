@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qatlab.checks import like
 from qatlab.errors import ConfigError
 from qatlab.methods.base import Hook, OptimizerWrapper, frozen_bn_stats
 
@@ -123,7 +124,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
             else:
                 tip = "; it takes no options"
             raise ConfigError(f"unknown key '{key}' in method {name}{tip}")
-        out[option] = _like(value, spec.options[option], f"method.{option}")
+        out[option] = like(value, spec.options[option], f"method.{option}")
     return out
 
 
@@ -141,31 +142,6 @@ def build_hooks(
     if spec.needs_quant is False and quant is not None:
         raise ConfigError(f"method {spec.name} trains a float model: drop --wbits")
     return list(spec.build(model, quant, total_steps, **check_options(name, options)))
-
-
-def _like(value: Any, default: Any, name: str) -> Any:
-    """Check ``value`` against the type of its default (ints pass as floats)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(
-            f"{name} must be like {default!r} ({type(default).__name__}), got {value!r}"
-        )
-    return value
 
 
 # ----------------------------------------------------------------------------- built-in

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from qatlab import checks
 from qatlab.errors import ConfigError
 
 Builder = Callable[..., nn.Module]
@@ -78,8 +79,5 @@ def layers(dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]
 
 
 def positive(name: str, option: str, value: float, integer: bool = True) -> None:
-    """Raise a ConfigError unless ``value`` is a positive number (an integer if ``integer``)."""
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    if not ok or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"model {name}: {option} must be {kind}, got {value!r}")
+    """Raise a ConfigError unless model ``name``'s ``option`` is a positive number."""
+    checks.positive(f"model {name}: {option}", value, integer)

@@ -7,6 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from qatlab.checks import choice
 from qatlab.errors import ConfigError
 from qatlab.quant.quantizer import GRIDS, INIT_METHODS, SCALE_POLICIES, check_bits
 
@@ -51,15 +52,15 @@ class QuantConfig:
         check_bits(self.weight_bits)
         if self.act_bits is not None:
             check_bits(self.act_bits)
-        _choice("weight_grid", self.weight_grid, GRIDS)
-        _choice("act_grid", self.act_grid, GRIDS)
-        _choice("weight_granularity", self.weight_granularity, ("tensor", "channel"))
-        _choice("weight_scale", self.weight_scale, tuple(p for p in SCALE_POLICIES if p != "lsq+"))
-        _choice("act_scale", self.act_scale, SCALE_POLICIES)
-        _choice("weight_init", self.weight_init, INIT_METHODS)
-        _choice("act_init", self.act_init, INIT_METHODS)
-        _choice("first_layer", self.first_layer, LAYER_POLICIES)
-        _choice("last_layer", self.last_layer, LAYER_POLICIES)
+        choice("weight_grid", self.weight_grid, GRIDS)
+        choice("act_grid", self.act_grid, GRIDS)
+        choice("weight_granularity", self.weight_granularity, ("tensor", "channel"))
+        choice("weight_scale", self.weight_scale, tuple(p for p in SCALE_POLICIES if p != "lsq+"))
+        choice("act_scale", self.act_scale, SCALE_POLICIES)
+        choice("weight_init", self.weight_init, INIT_METHODS)
+        choice("act_init", self.act_init, INIT_METHODS)
+        choice("first_layer", self.first_layer, LAYER_POLICIES)
+        choice("last_layer", self.last_layer, LAYER_POLICIES)
         if self.act_signed not in (True, False, "auto"):
             raise ConfigError(f"act_signed must be true, false or 'auto', got {self.act_signed!r}")
         if isinstance(self.skip, str):
@@ -92,8 +93,3 @@ class QuantConfig:
         """Short label such as ``W4A4`` or ``W3A-``, for tables."""
         act = str(self.act_bits) if self.quantize_acts else "-"
         return f"W{self.weight_bits}A{act}"
-
-
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")

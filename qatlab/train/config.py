@@ -16,13 +16,12 @@ validation, so a typo anywhere gets the same one-line error with a suggestion.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qatlab.checks import check_keys, choice, mapping, positive, typed
 from qatlab.errors import ConfigError
 from qatlab.quant.config import QuantConfig
 
@@ -52,7 +51,7 @@ class DataConfig:
     def validate(self) -> DataConfig:
         from qatlab import data
 
-        _choice("data.name", self.name, data.DATASETS)
+        choice("data.name", self.name, data.DATASETS)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_samples is not None and self.num_samples < 10:
@@ -70,13 +69,13 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         from qatlab import models
 
-        _choice("model.name", self.name, tuple(models.list_models()))
+        choice("model.name", self.name, tuple(models.list_models()))
         return self
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        data = dict(_mapping(data, "model"))
-        return cls(name=_typed(data.pop("name", cls.name), str, "model.name"), kwargs=data)
+        data = dict(mapping(data, "model"))
+        return cls(name=typed(data.pop("name", cls.name), str, "model.name"), kwargs=data)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.kwargs}
@@ -102,8 +101,8 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
-        data = dict(_mapping(data, "method"))
-        return cls(name=_typed(data.pop("name", cls.name), str, "method.name"), options=data)
+        data = dict(mapping(data, "method"))
+        return cls(name=typed(data.pop("name", cls.name), str, "method.name"), options=data)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.options}
@@ -148,15 +147,15 @@ class TrainConfig:
         return _section(cls, data, "train").validate()
 
     def validate(self) -> TrainConfig:
-        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        choice("train.optimizer", self.optimizer, OPTIMIZERS)
         if self.quant_optimizer is not None:
-            _choice("train.quant_optimizer", self.quant_optimizer, OPTIMIZERS)
-        _choice("train.schedule", self.schedule, SCHEDULES)
-        _choice("train.schedule_per", self.schedule_per, ("step", "epoch"))
-        _choice("train.early_stop_mode", self.early_stop_mode, ("auto", "max", "min"))
-        _choice("train.device", self.device, DEVICES)
+            choice("train.quant_optimizer", self.quant_optimizer, OPTIMIZERS)
+        choice("train.schedule", self.schedule, SCHEDULES)
+        choice("train.schedule_per", self.schedule_per, ("step", "epoch"))
+        choice("train.early_stop_mode", self.early_stop_mode, ("auto", "max", "min"))
+        choice("train.device", self.device, DEVICES)
         for name in ("epochs", "batch_size", "eval_batch_size", "bn_batches"):
-            _positive(f"train.{name}", getattr(self, name))
+            positive(f"train.{name}", getattr(self, name))
         for name in ("lr", "quant_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -172,7 +171,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.patience is not None:
-            _positive("train.patience", self.patience)
+            positive("train.patience", self.patience)
         return self
 
     @property
@@ -222,18 +221,18 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Build and validate from a plain (YAML) dict; every error is one ConfigError line."""
-        data = dict(_mapping(data, "config"))
-        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "the config")
+        data = dict(mapping(data, "config"))
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "the config")
         quant = data.get("quant")
         return cls(
-            name=_typed(data.get("name", ""), str, "name") or "",
-            out_dir=_typed(data.get("out_dir", "runs"), str, "out_dir"),
+            name=typed(data.get("name", ""), str, "name") or "",
+            out_dir=typed(data.get("out_dir", "runs"), str, "out_dir"),
             data=_section(DataConfig, data.get("data"), "data"),
             model=ModelConfig.from_dict(data.get("model") or {}),
             quant=None if quant is None else QuantConfig.from_dict(_quant_dict(quant)),
             train=_section(TrainConfig, data.get("train"), "train"),
             method=MethodConfig.from_dict(data.get("method") or {}),
-            init_from=_typed(data.get("init_from"), str | None, "init_from"),
+            init_from=typed(data.get("init_from"), str | None, "init_from"),
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,7 +284,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML{where}") from None
     if data is None:
         return {}
-    return _mapping(data, f"config file {path}")
+    return mapping(data, f"config file {path}")
 
 
 def write_yaml(data: dict[str, Any], path: str | Path) -> None:
@@ -339,80 +338,19 @@ def merge(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- checking
 def _section(cls: type, data: Any, name: str):
-    data = _mapping(data or {}, name)
+    data = mapping(data or {}, name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(data, list(fields), name)
+    check_keys(data, list(fields), name)
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _typed(v, hints[k], f"{name}.{k}") for k, v in data.items()})
+    return cls(**{k: typed(v, hints[k], f"{name}.{k}") for k, v in data.items()})
 
 
 def _quant_dict(data: Any) -> dict[str, Any]:
-    data = dict(_mapping(data, "quant"))
+    data = dict(mapping(data, "quant"))
     hints = typing.get_type_hints(QuantConfig)
     for key, value in data.items():
         if key in hints and key != "skip":
-            data[key] = _typed(value, hints[key], f"quant.{key}")
+            data[key] = typed(value, hints[key], f"quant.{key}")
     if isinstance(data.get("skip"), list):
         data["skip"] = tuple(data["skip"])
     return data
-
-
-def _check_keys(data: dict[str, Any], names: list[str], where: str) -> None:
-    for key in data:
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            tip = f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key '{key}' in {where}{tip}")
-
-
-def _mapping(data: Any, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of key: value, got {type(data).__name__}")
-    return data
-
-
-def _typed(value: Any, tp: Any, name: str) -> Any:
-    """Return ``value`` if it fits type ``tp`` (ints pass as floats; "1e-3" becomes 1e-3)."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _typed(value, arg, name)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    origin = typing.get_origin(tp) or tp
-    if origin is float and isinstance(value, str):
-        try:
-            return float(value)  # PyYAML reads 1e-3 as a string
-        except ValueError:
-            pass
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    ok = isinstance(value, origin) and not (origin is int and isinstance(value, bool))
-    if tp is Any or ok:
-        return value
-    want = getattr(origin, "__name__", str(origin))
-    raise ConfigError(f"{name} must be {_article(want)}, got {value!r}")
-
-
-def _article(word: str) -> str:
-    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-    return names.get(word, f"a {word}")
-
-
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        tip = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}{tip}")
-
-
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value}")
