@@ -16,7 +16,7 @@ from qatlab.train.config import (
     TrainConfig,
     load_config,
 )
-from qatlab.train.loop import evaluate, fit
+from qatlab.train.loop import evaluate, fit, train_step
 from qatlab.train.runner import build, evaluate_checkpoint, ptq_sweep, run
 
 __all__ = [
@@ -36,4 +36,5 @@ __all__ = [
     "ptq_sweep",
     "run",
     "save_checkpoint",
+    "train_step",
 ]
