@@ -6,6 +6,7 @@ The idiom::
     # ... your own training loop ...
 """
 
+from qatlab import measure  # so qatlab.measure.crossbit.cross_bit works after `import qatlab`
 from qatlab.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from qatlab.quant import (
     QuantConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "Quantizer",
     "calibrate",
     "inspect",
+    "measure",
     "ptq",
     "quantization_disabled",
     "quantize",

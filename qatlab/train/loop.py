@@ -9,6 +9,7 @@ schedule of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -38,6 +39,7 @@ from qatlab.train.checkpoint import (
 )
 from qatlab.train.config import TrainConfig
 from qatlab.train.metrics import MetricsLog, read_jsonl, write_json
+from qatlab.train.rundir import claim_run_dir
 
 if TYPE_CHECKING:
     from qatlab.data import DataBundle
@@ -156,8 +158,7 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_dir / "ckpt.pt" if run_dir is not None else None
     resuming = resume and ckpt_path is not None and ckpt_path.exists()
-    if run_dir is not None and not resume:
-        check_run_dir(run_dir)
+    run_claim = contextlib.ExitStack()  # run_dir is ours until fit returns (qatlab.train.rundir)
     ckpt = load_checkpoint(ckpt_path) if resuming else None
     if ckpt is not None:
         _check_resumable(ckpt, cfg, run_config, ckpt_path)
@@ -166,6 +167,8 @@ def fit(
     hooks = list(hooks)
     log = None
     try:
+        if run_dir is not None:
+            run_claim.enter_context(claim_run_dir(run_dir, resume=resume))
         model.to(dev.device)
         for hook in hooks:
             if isinstance(hook, nn.Module):
@@ -390,6 +393,7 @@ def fit(
         if log is not None:
             log.close()
         distributed.teardown(dev)
+        run_claim.close()
 
 
 def train_loader(data, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1):
