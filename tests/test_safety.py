@@ -21,13 +21,28 @@ from qatlab.cli import main
 from qatlab.errors import ConfigError, TrainingDiverged
 from qatlab.measure.crossbit import ptq_config
 from qatlab.train.metrics import atomic_write, read_jsonl, write_json
-from qatlab.train.rundir import claim_run_dir
 
 ROOT = Path(__file__).parent.parent
 
 
+def claim_run_dir(run_dir, **kwargs):
+    """:func:`qatlab.train.rundir.claim_run_dir` (imported late: each test fails on its own)."""
+    from qatlab.train.rundir import claim_run_dir as claim
+
+    return claim(run_dir, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_data(data_cache: Path) -> dict:
+    """400 MNIST-1D samples (generated once): a run of one epoch takes a few seconds."""
+    from qatlab import data
+
+    data.load("mnist1d", num_samples=400, cache_dir=str(data_cache))
+    return {"num_samples": 400, "cache_dir": str(data_cache)}
+
+
 def train_args(out: Path, name: str, data_cfg: dict, *extra: str) -> list[str]:
-    """``qatlab train`` of a tiny float cnn1d (one epoch, seconds)."""
+    """``qatlab train`` of a tiny float mlp5 (one epoch, seconds)."""
     return [
         "train",
         "--out-dir",
@@ -39,11 +54,11 @@ def train_args(out: Path, name: str, data_cfg: dict, *extra: str) -> list[str]:
         "--num-samples",
         str(data_cfg["num_samples"]),
         "--model",
-        "cnn1d",
+        "mlp5",
         "--epochs",
         "1",
         "--batch-size",
-        "64",
+        "32",
         "--quiet",
         "--set",
         f"data.cache_dir={data_cfg['cache_dir']}",
@@ -61,15 +76,14 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 # ----------------------------------------------------------------------------- 1: exclusive
-def test_two_runs_with_one_name_started_together(tmp_path, tiny_data_config, capsys):
+def test_two_runs_with_one_name_started_together(tmp_path, small_data, capsys):
     """Both start at the same instant: one trains, the other is refused with one line and
     touches nothing (today both exit 0 and the folder ends mixed)."""
-    tiny_data_config = dict(tiny_data_config)
     start = threading.Barrier(2)
     codes: dict[int, int] = {}
 
     def launch(seed: int) -> None:
-        args = train_args(tmp_path, "same", tiny_data_config, "--seed", str(seed))
+        args = train_args(tmp_path, "same", small_data, "--seed", str(seed))
         start.wait()
         codes[seed] = main(args)
 
@@ -151,30 +165,28 @@ def test_a_killed_process_releases_its_folder(tmp_path):
         assert resuming is False
 
 
-def test_a_failed_build_leaves_no_folder_behind(tmp_path, tiny_data_config, capsys):
+def test_a_failed_build_leaves_no_folder_behind(tmp_path, small_data, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     out = tmp_path / "new-runs"
-    code = main(train_args(out, "x", tiny_data_config, "--init-from", str(garbage)))
+    code = main(train_args(out, "x", small_data, "--init-from", str(garbage)))
     assert code == 2 and len(error_lines(capsys.readouterr().err)) == 1
     assert not out.exists()  # the claim created runs/ and runs/x; both are gone again
 
 
 # ----------------------------------------------------------------------------- 3: resume
-def test_resume_of_a_mistyped_name_is_refused_and_creates_nothing(
-    tmp_path, tiny_data_config, capsys
-):
-    code = main(train_args(tmp_path / "runs", "typo", tiny_data_config, "--resume"))
+def test_resume_of_a_mistyped_name_is_refused_and_creates_nothing(tmp_path, small_data, capsys):
+    code = main(train_args(tmp_path / "runs", "typo", small_data, "--resume"))
     lines = error_lines(capsys.readouterr().err)
     assert code == 2 and len(lines) == 1
     assert "nothing to resume" in lines[0] and "--name" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_without_a_checkpoint(tmp_path, tiny_data_config, capsys):
+def test_resume_without_a_checkpoint(tmp_path, small_data, capsys):
     """A finished run whose ckpt.pt is gone is refused and left byte for byte; a run killed
     before its first checkpoint (config.yaml and the epoch-0 record only) starts over."""
-    args = train_args(tmp_path, "r", tiny_data_config)
+    args = train_args(tmp_path, "r", small_data)
     assert main(args) == 0
     run = tmp_path / "r"
     (run / "ckpt.pt").unlink()
@@ -194,14 +206,14 @@ def test_resume_without_a_checkpoint(tmp_path, tiny_data_config, capsys):
 
 
 # ----------------------------------------------------------------------------- 4: divergence
-def test_a_diverged_run_is_one_line_and_exit_3(tmp_path, tiny_data_config, capsys, monkeypatch):
+def test_a_diverged_run_is_one_line_and_exit_3(tmp_path, small_data, capsys, monkeypatch):
     import qatlab.train.runner as runner
 
     def diverge(cfg, **kwargs):
         raise TrainingDiverged("training diverged at epoch 1 (loss nan); lower --lr")
 
     monkeypatch.setattr(runner, "run", diverge)
-    assert main(train_args(tmp_path, "d", tiny_data_config)) == 3
+    assert main(train_args(tmp_path, "d", small_data)) == 3
     lines = error_lines(capsys.readouterr().err)
     assert lines == ["qatlab: error: training diverged at epoch 1 (loss nan); lower --lr"]
 
@@ -295,12 +307,12 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_does_not_need_the_moved_init_checkpoint(tmp_path, tiny_data_config, capsys):
+def test_resume_does_not_need_the_moved_init_checkpoint(tmp_path, small_data, capsys):
     """A QAT run started from a float checkpoint resumes after that checkpoint moved; stale
     temp files of a killed checkpoint write are cleaned when it does."""
-    assert main(train_args(tmp_path, "float", tiny_data_config)) == 0
+    assert main(train_args(tmp_path, "float", small_data)) == 0
     init = tmp_path / "float" / "best.pt"
-    qat = train_args(tmp_path, "qat", tiny_data_config, "--wbits", "4", "--init-from", str(init))
+    qat = train_args(tmp_path, "qat", small_data, "--wbits", "4", "--init-from", str(init))
     assert main(qat) == 0
     init.rename(tmp_path / "moved.pt")
     stale = tmp_path / "qat" / ".ckpt.pt.k1ll3d.tmp"
@@ -326,7 +338,7 @@ def test_resume_does_not_need_the_moved_init_checkpoint(tmp_path, tiny_data_conf
     assert summary["epochs_run"] == 2 and summary["config"]["init_from"] == str(init)
     assert not stale.exists()
     # a fresh run does need it: one line, nothing created
-    assert main(train_args(tmp_path, "qat2", tiny_data_config, "--init-from", str(init))) == 2
+    assert main(train_args(tmp_path, "qat2", small_data, "--init-from", str(init))) == 2
     assert "--init-from: no checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "qat2").exists()
 
