@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue OUT_DIR/NAME from its last checkpoint (its config.yaml is the "
-        "base config when --config is not given)",
+        help="continue OUT_DIR/NAME from its ckpt.pt (its config.yaml is the base config "
+        "when --config is not given); refused, with nothing changed, when there is no run "
+        "to continue",
     )
     p.add_argument(
         "--set",
