@@ -6,6 +6,8 @@ The idiom::
     # ... your own training loop ...
 """
 
+import importlib
+
 from qatlab.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from qatlab.quant import (
     QuantConfig,
@@ -21,6 +23,16 @@ from qatlab.quant import (
 
 __version__ = "0.1.0"
 
+_SUBPACKAGES = ("methods", "measure", "data", "models", "train", "compare", "export")
+
+
+def __getattr__(name: str):
+    """``qatlab.measure``, ``qatlab.methods``, ... after a bare ``import qatlab``, loaded on
+    first use so that ``import qatlab`` stays light and every layer imports only what it needs."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"qatlab.{name}")
+    raise AttributeError(f"module 'qatlab' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -30,6 +42,7 @@ __all__ = [
     "Quantizer",
     "calibrate",
     "inspect",
+    "measure",
     "ptq",
     "quantization_disabled",
     "quantize",

@@ -1,6 +1,7 @@
 """The ``qatlab`` command: parses arguments and calls the library (:mod:`qatlab.train`).
 
-Any bad input ends as one line on stderr, ``qatlab: error: ...``, and exit code 2.
+Any bad input ends as one line on stderr, ``qatlab: error: ...``, and exit code 2; a diverging
+training run ends the same way with exit code 3.
 Multi-process training: ``torchrun --nproc_per_node 2 -m qatlab.cli train ...``.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qatlab.errors import ConfigError
+from qatlab.errors import ConfigError, TrainingDiverged
 
 # generic method flags -> method option names (each method maps them to its own via aliases)
 METHOD_FLAGS = {"lambda_": "lambda", "target_bits": "target_bits", "rho": "rho"}
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue OUT_DIR/NAME from its last checkpoint (its config.yaml is the "
-        "base config when --config is not given)",
+        help="continue OUT_DIR/NAME from its ckpt.pt (its config.yaml is the base config "
+        "when --config is not given); refused, with nothing changed, when there is no run "
+        "to continue",
     )
     p.add_argument(
         "--set",
@@ -329,13 +331,17 @@ def _bit_list(text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``qatlab`` command; return its exit code (0 ok, 2 bad input, 130 interrupted)."""
+    """Run the ``qatlab`` command; return its exit code (0 ok, 2 bad input or a run folder that
+    is in use / holds a run / has nothing to resume, 3 training diverged, 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except ConfigError as exc:
         _fail(str(exc))
         return 2
+    except TrainingDiverged as exc:  # the run stopped; no best.pt of non-finite weights
+        _fail(str(exc))
+        return 3
     except OSError as exc:  # unwritable output folder, disk full...
         where = f" {exc.filename}" if exc.filename else ""
         _fail(f"cannot access{where}: {exc.strerror or exc}")

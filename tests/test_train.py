@@ -366,6 +366,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DDP_TRAIN = dict(epochs=2, lr=3e-3, progress=False, device="cpu", restore_best=False)
+
+
+def _record_batches(model: torch.nn.Module) -> list[float]:
+    """Sum of every training batch ``model`` sees (a fingerprint of which samples it got)."""
+    seen: list[float] = []
+
+    def hook(module, args):
+        if module.training:
+            seen.append(float(args[0].double().sum()))
+
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
 def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -376,19 +391,24 @@ def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:
     )
     torch.set_num_threads(1)
     from qatlab import data
+    from qatlab.train.distributed import sync_batchnorm
 
-    bundle = data.load("mnist1d", num_samples=600, cache_dir=cache)
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, progress=False, device="cpu")
-    model = small_model(bundle)
+    bundle = data.load("mnist1d", num_samples=600, cache_dir=cache, augment=False)
+    cfg = TrainConfig(batch_size=32, **DDP_TRAIN)  # per process: a global batch of 64
+    model = sync_batchnorm(small_model(bundle))  # cnn1d has BatchNorm
+    seen = _record_batches(model)
     fit(model, bundle, cfg, run_dir=Path(out) / "run")
     torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")  # each rank's own weights
+    torch.save(seen, Path(out) / f"seen{rank}.pt")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_two_process_gloo_run_keeps_ranks_identical(tmp_path, data_cache):
+def test_two_process_gloo_run_matches_one_process(tmp_path, data_cache):
+    """Two processes with batch 32 and synchronized BatchNorm: each rank sees its own shard,
+    the ranks end identical, and they match one process trained with batch 64."""
     from qatlab import data
 
-    data.load("mnist1d", num_samples=600, cache_dir=str(data_cache))  # generate once
+    bundle = data.load("mnist1d", num_samples=600, cache_dir=str(data_cache), augment=False)
     torch.multiprocessing.spawn(
         _ddp_worker, args=(_free_port(), str(data_cache), str(tmp_path)), nprocs=2, join=True
     )
@@ -403,6 +423,53 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path, data_cache):
     assert summary["epochs_run"] == 2 and not math.isnan(summary["test_acc"])
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0 if isinstance(r0[k], torch.Tensor))
+
+    torch.set_num_threads(1)
+    one = small_model(bundle)
+    one_seen = _record_batches(one)
+    fit(one, bundle, TrainConfig(batch_size=64, **DDP_TRAIN))
+    seen0, seen1 = torch.load(tmp_path / "seen0.pt"), torch.load(tmp_path / "seen1.pt")
+    assert len(seen0) == len(seen1) == len(one_seen) > 0
+    assert all(abs(a - b) > 1e-3 for a, b in zip(seen0, seen1, strict=True))  # own shards
+    for a, b, both in zip(seen0, seen1, one_seen, strict=True):  # together: the global batch
+        assert a + b == pytest.approx(both, rel=1e-9, abs=1e-6)
+    one_state = one.state_dict()
+    for key, value in r0.items():
+        if value.is_floating_point():  # weights, BN statistics, quantizer steps
+            assert torch.allclose(value, one_state[key], rtol=1e-4, atol=1e-5), key
+        else:
+            assert torch.equal(value, one_state[key]), key
+
+
+def test_build_under_torchrun_syncs_batchnorm_and_calibrates_on_global_batches(
+    tiny_data_config, tmp_path, monkeypatch
+):
+    from qatlab.train.distributed import SyncBatchNorm
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = RunConfig.from_dict(
+        {
+            "name": "ddp",
+            "out_dir": str(tmp_path),
+            "data": tiny_data_config,
+            "model": {"name": "cnn1d"},
+            "quant": {"weight_bits": 4, "act_bits": 4},
+            "train": {**FAST, "batch_size": 32, "device": "cpu"},
+        }
+    )
+    model, data, _ = build(cfg)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, SyncBatchNorm) for m in bns)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process with the global batch of 64
+    one_cfg = RunConfig.from_dict({**cfg.to_dict(), "train": {**FAST, "device": "cpu"}})
+    one, _, _ = build(one_cfg)
+    steps = {k: v for k, v in model.state_dict().items() if k.endswith(".step")}
+    one_steps = one.state_dict()
+    assert steps and all(torch.equal(v, one_steps[k]) for k, v in steps.items())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg.train.calib_batches = 0
+    with pytest.raises(ConfigError, match="calib_batches"):
+        build(cfg)
 
 
 @pytest.mark.parametrize(

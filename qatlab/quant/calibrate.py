@@ -8,6 +8,7 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
+from qatlab.errors import ConfigError
 from qatlab.quant.config import QuantConfig
 from qatlab.quant.layers import quant_layers, quantizers
 from qatlab.quant.quantize import quantize
@@ -35,8 +36,21 @@ def calibrate(
     their running statistics untouched: eval-mode BN with its initial (0, 1) statistics would
     shrink activations layer by layer and give steps that clip almost everything.
     Meant for a freshly quantized model; a trained one keeps its learned steps unless
-    calibrated again.
+    calibrated again. A float model, a negative ``num_batches``, or no batches for a model
+    with activation quantizers raise :class:`qatlab.ConfigError`.
     """
+    return _calibrate(qmodel, batches, num_batches, weights, "calibrate(qmodel, batches)")
+
+
+def _calibrate(
+    qmodel: nn.Module, batches: Iterable, num_batches: int | None, weights: bool, call: str
+) -> nn.Module:
+    _check_num_batches(num_batches, call)
+    if not isinstance(qmodel, nn.Module) or not any(True for _ in quantizers(qmodel)):
+        raise ConfigError(
+            f"{call}: the model has no quantizers; quantize it first "
+            "(qmodel = qatlab.quantize(model, config)) and calibrate qmodel"
+        )
     was_training = qmodel.training
     qmodel.eval()
     fresh_bn = [
@@ -52,14 +66,24 @@ def calibrate(
     acts = [q for _, q in quantizers(qmodel) if q.role != "weight"]
     for q in acts:
         q.start_observing()
+    seen = 0
     try:
         for batch in islice(batches, num_batches):
             qmodel(batch_inputs(batch).to(device))
+            seen += 1
     finally:
         for q in acts:
             q.finish_observing()
         for m, state in fresh_bn:
             m.load_state_dict(state)
+    if acts and not seen:
+        qmodel.train(was_training)
+        raise ConfigError(
+            f"{call}: batches gave no data, but {len(acts)} activation quantizers need it to "
+            "set their step sizes; pass a few training batches, e.g. "
+            "itertools.islice(train_loader, 4) (an empty list is enough only for weights-only "
+            "configs)"
+        )
     if weights:
         for _, layer in quant_layers(qmodel):
             layer.weight_quantizer.initialize(layer.weight.detach())
@@ -73,7 +97,22 @@ def ptq(
     calib_batches: Iterable,
     num_batches: int | None = None,
 ) -> nn.Module:
-    """Post-training quantization: a calibrated quantized copy in eval mode; original untouched."""
+    """Post-training quantization: a calibrated quantized copy in eval mode; original untouched.
+
+    ``calib_batches`` may be empty only when ``config`` quantizes no activations (weights
+    only); otherwise the activation step sizes need data and an empty one is an error.
+    """
+    _check_num_batches(num_batches, "ptq(..., num_batches)")
     qmodel = quantize(float_model, config)
-    calibrate(qmodel, calib_batches, num_batches)
+    _calibrate(qmodel, calib_batches, num_batches, True, "ptq(float_model, config, calib_batches)")
     return qmodel.eval()
+
+
+def _check_num_batches(num_batches: int | None, call: str) -> None:
+    if num_batches is None:
+        return
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ConfigError(
+            f"{call}: num_batches must be a positive integer (batches to use) or None (all of "
+            f"them); got {num_batches!r}"
+        )

@@ -65,6 +65,13 @@ class QuantConfig:
             raise ConfigError(f"act_signed must be true, false or 'auto', got {self.act_signed!r}")
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
+        if not isinstance(self.skip, (list, tuple)) or not all(
+            isinstance(name, str) for name in self.skip
+        ):
+            raise ConfigError(
+                f"skip must be a list of module names (fnmatch patterns) kept float, e.g. "
+                f"skip=['fc', 'layer1.*']; got {self.skip!r}"
+            )
         self.skip = tuple(self.skip)
         return self
 

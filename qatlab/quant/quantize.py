@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from qatlab.errors import ConfigError
 from qatlab.quant.config import QuantConfig
 from qatlab.quant.layers import FLOAT_TO_QUANT, QuantLayer, quantizers, recast
 from qatlab.quant.quantizer import Quantizer, check_bits
@@ -36,7 +37,20 @@ def quantize(
     ``config.last_layer``. Layers that hold weights but cannot be quantized (e.g. an
     ``nn.MultiheadAttention``, a ``ConvTranspose2d``) stay float and are named in one warning.
     """
-    config = (config or QuantConfig()).validate()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"quantize(model): model must be a torch.nn.Module, got {type(model).__name__}; "
+            "pass the float model to quantize"
+        )
+    if config is None:
+        config = QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(
+            f"quantize(model, config): config must be a qatlab.QuantConfig, got "
+            f"{type(config).__name__}; write QuantConfig(weight_bits=4, ...) "
+            "(or QuantConfig.from_dict(d) for a dict)"
+        )
+    config.validate()
     if not inplace:
         model = copy.deepcopy(model)
     candidates = [
@@ -56,6 +70,8 @@ def quantize(
         ):
             continue
         swapped[name] = _quant_layer(layer, config, is_first, is_last)
+    if not swapped:
+        raise ConfigError(_nothing_to_quantize(model, candidates))
     if "" in swapped:
         return swapped[""]
     for name, new in swapped.items():
@@ -63,6 +79,25 @@ def quantize(
         setattr(model.get_submodule(parent_name), child, new)
     _warn_unsupported(model)
     return model
+
+
+def _nothing_to_quantize(model: nn.Module, candidates: list) -> str:
+    """Why ``quantize`` found no layer to swap, and what to do (a silent no-op hides a bug)."""
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        return (
+            "quantize(model): model is already quantized; pass its float version "
+            "(qatlab.quant.dequantize(model)), or change bits with qatlab.set_bits"
+        )
+    if not candidates:
+        return (
+            "quantize(model): model has no Conv1d, Conv2d or Linear layer to quantize; "
+            "pass a model built from those layers"
+        )
+    return (
+        f"quantize(model, config): all {len(candidates)} quantizable layers are kept float "
+        "by config.skip / first_layer / last_layer; skip fewer layers (e.g. "
+        "first_layer='8bit')"
+    )
 
 
 def _quant_layer(layer: nn.Module, config: QuantConfig, is_first: bool, is_last: bool) -> nn.Module:

@@ -152,6 +152,9 @@ class Quantizer(nn.Module):
     ``maxabs`` (``max|x|/p`` every call), ``mse``/``percentile``/``minmax`` (calibrated once).
     ``signed="auto"`` decides the sign from the first data seen (unsigned after a ReLU).
     ``enabled=False`` makes it the identity; :meth:`set_bits` changes the bit width afterwards.
+    An activation quantizer that was never calibrated initialises itself from its first
+    training batch (LSQ), and refuses to run in eval mode (its step would come from
+    evaluation data).
     """
 
     def __init__(
@@ -227,6 +230,13 @@ class Quantizer(nn.Module):
         if self._ready is None:  # just loaded from a state dict
             self._ready = bool(self.initialized)
         if self.policy != "maxabs" and not self._ready:
+            if not self.training and self.role != "weight":
+                # evaluation data (maybe the test set) must never pick a step size
+                raise ConfigError(
+                    "an activation quantizer has no step size yet and the model is in eval "
+                    "mode; call qatlab.calibrate(qmodel, train_batches) first (or train it: "
+                    "LSQ initialises from the first training batch)"
+                )
             self.initialize(x)
         n, p = self.grid_range
         step = self.current_step(x)

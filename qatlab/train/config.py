@@ -134,6 +134,7 @@ class TrainConfig:
     bn_reestimate: bool = False  # re-estimate BN stats on un-augmented train batches before eval
     bn_batches: int = 50
     calib_batches: int = 2  # training batches that initialise activation step sizes
+    sync_bn: bool = True  # under torchrun: BatchNorm statistics over all processes' batches
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -206,8 +207,7 @@ class RunConfig:
             self.name = self.default_name()
         if "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"run name must be a plain folder name, got {self.name!r}")
-        if self.init_from is not None and not Path(self.init_from).is_file():
-            raise ConfigError(f"--init-from: no checkpoint file at {self.init_from}")
+        # init_from is checked when a fresh run starts (a resumed run does not need it)
         return self
 
     def default_name(self) -> str:
@@ -273,9 +273,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {path} is not a text (UTF-8) YAML file; pass a .yaml config "
+            "like those in configs/"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from qatlab.errors import ConfigError
 
@@ -104,3 +105,60 @@ def wrap_model(model: torch.nn.Module, info: Dist) -> torch.nn.Module:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (all processes).
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so this one reduces with the
+    differentiable ``torch.distributed.nn.functional.all_reduce`` (gloo or nccl): two passes
+    (mean, then variance around it) in float64, so N processes with batch B train like one
+    process with batch N*B. Outside a multi-process group, or in eval mode, it is a plain
+    BatchNorm; its state dict is a BatchNorm's, so checkpoints load into either.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least a 2-D input (N, C, ...), got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        if dist.get_world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        xd = x.double()
+        count = all_reduce(xd.new_tensor(float(x.numel() // x.shape[1])))
+        mean = all_reduce(xd.sum(dims)) / count
+        var = all_reduce((xd - mean.view(shape)).pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else self.momentum
+                )
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = ((xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm layer of ``model`` a :class:`SyncBatchNorm` (in place: same
+    parameters and buffers, so call it before building the optimizer); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, (SyncBatchNorm, nn.SyncBatchNorm)
+        ):
+            module.__class__ = SyncBatchNorm
+    return model

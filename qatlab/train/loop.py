@@ -40,6 +40,7 @@ from qatlab.train.checkpoint import (
 )
 from qatlab.train.config import TrainConfig
 from qatlab.train.metrics import MetricsLog, read_jsonl, write_json
+from qatlab.train.rundir import claim_run_dir
 
 if TYPE_CHECKING:
     from qatlab.data import DataBundle
@@ -259,11 +260,17 @@ def fit(
     """
     cfg = dataclasses.replace(cfg).validate()
     run_dir = Path(run_dir) if run_dir is not None else None
-    ckpt = _checkpoint_to_resume(run_dir, resume, cfg, run_config)
+    if resume and run_dir is None:
+        raise ConfigError("resume=True needs the run_dir of the run to continue")
+    run_claim = contextlib.ExitStack()  # run_dir is ours until fit returns (qatlab.train.rundir)
     dev = distributed.setup(cfg.device)
     hooks = list(hooks)
     log = None
     try:
+        ckpt = None
+        if run_dir is not None and run_claim.enter_context(claim_run_dir(run_dir, resume=resume)):
+            ckpt = load_checkpoint(run_dir / "ckpt.pt")
+            _check_resumable(ckpt, cfg, run_config, run_dir / "ckpt.pt")
         model.to(dev.device)
         for hook in hooks:
             if isinstance(hook, nn.Module):
@@ -340,6 +347,7 @@ def fit(
         if log is not None:
             log.close()
         distributed.teardown(dev)
+        run_claim.close()
 
 
 def _train_epoch(
@@ -438,34 +446,6 @@ def _check_divergence(record: dict[str, Any], state: TrainState, cfg: TrainConfi
         f"training diverged in epoch {state.epoch + 1} (step {state.step}): the training loss "
         f"is {what}; nothing of this epoch was saved; lower train.lr (now {cfg.lr:g})"
     )
-
-
-def _checkpoint_to_resume(
-    run_dir: Path | None, resume: bool, cfg: TrainConfig, run_config: RunConfig | None
-) -> dict[str, Any] | None:
-    """The checkpoint a resumed run continues from (None for a fresh run); a resume with
-    nothing to resume, or with other settings, is refused with one line."""
-    if run_dir is None:
-        if resume:
-            raise ConfigError("resume=True needs the run_dir of the run to continue")
-        return None
-    ckpt_path = run_dir / "ckpt.pt"
-    if not resume:
-        check_run_dir(run_dir)
-        return None
-    if not ckpt_path.exists():
-        if not run_dir.is_dir():
-            raise ConfigError(f"nothing to resume: there is no run at {run_dir} (check --name)")
-        finished = [n for n in ("best.pt", "summary.json") if (run_dir / n).exists()]
-        if finished:
-            raise ConfigError(
-                f"cannot resume {run_dir}: its ckpt.pt is missing (it holds {finished[0]}); "
-                "start a new run under another --name"
-            )
-        return None  # stopped before its first checkpoint: nothing saved, start over
-    ckpt = load_checkpoint(ckpt_path)
-    _check_resumable(ckpt, cfg, run_config, ckpt_path)
-    return ckpt
 
 
 def _start_record(model: nn.Module, data, cfg: TrainConfig, hooks: Sequence[Hook]) -> dict:

@@ -4,6 +4,7 @@ evaluate or post-training-quantize a saved checkpoint. The CLI calls these and n
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -32,8 +33,9 @@ from qatlab.train.checkpoint import (
     seed_everything,
 )
 from qatlab.train.config import DataConfig, ModelConfig, RunConfig
-from qatlab.train.distributed import resolve_device
-from qatlab.train.loop import check_run_dir, count_steps, evaluate, fit, train_loader
+from qatlab.train.distributed import resolve_device, sync_batchnorm
+from qatlab.train.loop import count_steps, evaluate, fit, train_loader
+from qatlab.train.rundir import claim_run_dir
 
 
 def load_data(cfg: DataConfig):
@@ -90,6 +92,7 @@ def build(cfg: RunConfig, *, resume: bool = False):
         load_checkpoint(cfg.run_dir / "ckpt.pt")  # unreadable: fail before loading data
     init = None
     if cfg.init_from is not None and not resuming:
+        _check_init_from(cfg)
         init = load_checkpoint(cfg.init_from)
     data = load_data(cfg.data)
     seed_everything(cfg.train.seed)
@@ -97,11 +100,22 @@ def build(cfg: RunConfig, *, resume: bool = False):
     if init is not None:
         model = init_weights(model, init, cfg.init_from, cfg.model.name)
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    world_size = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
     model.to(resolve_device(cfg.train.device, local_rank))  # hooks are built on the device
+    if world_size > 1 and cfg.train.sync_bn:
+        sync_batchnorm(model)
     if cfg.quant is not None:
         model = quantize(model, cfg.quant)
+        if world_size > 1 and cfg.train.calib_batches == 0:
+            raise ConfigError(
+                "train.calib_batches is 0 under torchrun: each process would set its "
+                "activation step sizes from its own first batch; use calib_batches >= 1"
+            )
         if not resuming and cfg.train.calib_batches > 0:
-            calibrate(model, train_loader(data, cfg.train, 0), cfg.train.calib_batches)
+            # every process calibrates on the same global batches (N processes x batch_size),
+            # i.e. on what one process with the global batch size would see
+            calib = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size * world_size)
+            calibrate(model, train_loader(data, calib, 0), cfg.train.calib_batches)
     total_steps = cfg.train.epochs * count_steps(data, cfg.train)
     hooks = build_hooks(cfg.method.name, cfg.method.options, model, cfg.quant, total_steps)
     return model, data, hooks
@@ -115,18 +129,29 @@ def run(cfg: RunConfig, *, resume: bool = False, verbose: bool = True) -> dict[s
     """
     cfg.validate()
     if not resume:
-        check_run_dir(cfg.run_dir)
-    model, data, hooks = build(cfg, resume=resume)
-    return fit(
-        model,
-        data,
-        cfg.train,
-        hooks=hooks,
-        run_dir=cfg.run_dir,
-        resume=resume,
-        run_config=cfg,
-        verbose=verbose,
-    )
+        _check_init_from(cfg)
+    with claim_run_dir(cfg.run_dir, resume=resume) as resuming:
+        # held until the run ends: a second run with this name is refused, not mixed in
+        if resume and not resuming and verbose:
+            print(f"{cfg.run_dir} stopped before its first checkpoint: starting it over")
+        model, data, hooks = build(cfg, resume=resuming)
+        return fit(
+            model,
+            data,
+            cfg.train,
+            hooks=hooks,
+            run_dir=cfg.run_dir,
+            resume=resuming,
+            run_config=cfg,
+            verbose=verbose,
+        )
+
+
+def _check_init_from(cfg: RunConfig) -> None:
+    """A fresh run needs its ``init_from`` checkpoint; a resumed one does not (it may have
+    moved since)."""
+    if cfg.init_from is not None and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"--init-from: no checkpoint file at {cfg.init_from}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
