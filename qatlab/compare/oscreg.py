@@ -165,10 +165,11 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     lam_table.sort(key=lambda r: (r["target"], r["lam"]))
     out.mkdir(parents=True, exist_ok=True)
     _plot_crossbit(tables["final"], out)
-    _plot_stats(runs, seed_list[0], epochs, out)
-    verdict = _claims(tables)
+    stats = _plot_stats(runs, seed_list[0], epochs, out)
+    verdict = _claims(tables) + _ablations(tables)
     train_s = sum(r["wall_time_s"] for r in rows if r["model"] == "final")
     text = _markdown(tables, lam_table, verdict, seeds, epochs, wall, quick, train_s, processes)
+    text += _stats_table(stats)
     (out / "oscreg.md").write_text(text)
     write_json(out / "oscreg.json", {"rows": rows, "wall_time_s": wall})
     return text
@@ -219,6 +220,23 @@ def _claims(tables) -> list[str]:
     return lines
 
 
+def _ablations(tables) -> list[str]:
+    """Step gradient and aggregation: differences at the target, final and early-stopped."""
+    lines = ["**Ablations** (PTQ accuracy at the target bits, points):", ""]
+    for which, table in tables.items():
+        parts = []
+        for t in ("2", "3", "4"):
+            reg, const = _acc(table, "reg", t, f"b{t}"), _acc(table, "regconst", t, f"b{t}")
+            ctrl, uni = _acc(table, "reg0", t, f"b{t}"), _acc(table, "reguni", t, f"b{t}")
+            part = f"target {t}: authors' − control {(reg - ctrl) * 100:+.1f}, "
+            part += f"constant step − control {(const - ctrl) * 100:+.1f}"
+            if uni is not None:
+                part += f", uniform − mean aggregation {(uni - reg) * 100:+.1f}"
+            parts.append(part)
+        lines.append(f"- {which}: " + "; ".join(parts) + ".")
+    return [*lines, ""]
+
+
 def _plot_crossbit(table, out: Path) -> None:
     import matplotlib
 
@@ -241,7 +259,7 @@ def _plot_crossbit(table, out: Path) -> None:
     plt.close(fig)
 
 
-def _plot_stats(runs: Path, seed: int, epochs: int, out: Path) -> None:
+def _plot_stats(runs: Path, seed: int, epochs: int, out: Path) -> list[dict[str, Any]]:
     """Per layer over training (target 2, one seed): the regularizer's gradient relative to
     the task gradient, mean position inside the bin, and max|W| / std(W)."""
     import matplotlib
@@ -265,10 +283,18 @@ def _plot_stats(runs: Path, seed: int, epochs: int, out: Path) -> None:
     fig, axes = plt.subplots(
         len(stats), len(runs_to_plot), figsize=(3.6 * len(runs_to_plot), 7.5), squeeze=False
     )
+    summary = []
     for j, (title, cfg) in enumerate(runs_to_plot):
         path = runs / cfg["name"] / "metrics.jsonl"
         records = [r for r in read_jsonl(path) if any(k.startswith("bin_pos/") for k in r)]
         layers = sorted({k.split("/", 1)[1] for r in records for k in r if "/" in k}, key=str)
+        last = records[-1] if records else {}
+        row: dict[str, Any] = {"run": title}
+        for key, _, _ in stats:
+            for layer in layers:
+                if f"{key}/{layer}" in last:
+                    row[f"{key}/{layer}"] = f"{last[f'{key}/{layer}']:.3g}"
+        summary.append(row)
         for i, (key, label, log) in enumerate(stats):
             ax = axes[i][j]
             for layer in layers:
@@ -290,6 +316,7 @@ def _plot_stats(runs: Path, seed: int, epochs: int, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "oscreg_stats.png", dpi=100)
     plt.close(fig)
+    return summary
 
 
 def _markdown(tables, lam_table, verdict, seeds, epochs, wall, quick, train_s, processes) -> str:
@@ -361,3 +388,12 @@ def _markdown(tables, lam_table, verdict, seeds, epochs, wall, quick, train_s, p
         "",
     ]
     return "\n".join(lines)
+
+
+def _stats_table(stats: list[dict[str, Any]]) -> str:
+    """The last logged value of each statistic, per layer, for the plotted runs."""
+    if not stats:
+        return ""
+    keys = sorted({k for r in stats for k in r if k != "run"}, key=lambda k: (k.split("/")[0], k))
+    cols = [("run", "run (target 2, seed 0, last step)")] + [(k, k) for k in keys]
+    return "\n" + markdown_table(stats, cols) + "\n"
