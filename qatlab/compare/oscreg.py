@@ -386,6 +386,15 @@ def _markdown(tables, lam_table, verdict, seeds, epochs, wall, quick, train_s, p
         "spread uniformly inside their bins, 0.5 when they sit at the bin edges), "
         "`max_std/<layer>` = max|W| / std(W).",
         "",
+        "How to read it (target 2, λ=1): without the regularizer (and with the constant-step "
+        "variant, whose gradient is 10-100x weaker than the authors') each layer's largest "
+        "weight grows to 4-6 standard deviations, so at ternary `s = max|W|` and most weights "
+        "round to 0 (mean bin position far below 0.25). The authors' gradient through "
+        "`max|W|` keeps the range near 2 standard deviations: that, not the push of weights "
+        "toward the bin edges, is what makes the model survive ternary PTQ. At λ=100 the "
+        "weights do sit at the bin edges (bin position ~0.45) and the regularizer's gradient "
+        "dominates the task's (10-30x): accuracy drops.",
+        "",
     ]
     return "\n".join(lines)
 
