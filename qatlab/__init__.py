@@ -33,6 +33,7 @@ def __getattr__(name: str):
         return importlib.import_module(f"qatlab.{name}")
     raise AttributeError(f"module 'qatlab' has no attribute {name!r}")
 
+
 __all__ = [
     "CheckpointError",
     "ConfigError",

@@ -23,18 +23,20 @@ def test_mean_std_groups_and_formats():
 
 
 def test_oscreg_claims_read_the_table():
-    def row(method, target, b2, b3, b4, b8, bf, trained=None):
+    def row(arm, target, b2, b3, b4, b8, bf, trained=None):
         vals = {"b2": b2, "b3": b3, "b4": b4, "b8": b8, "bfloat": bf, "btrained": trained}
         return {
-            "setup": "s",
-            "method": method,
+            "arm": arm,
             "target": target,
             **{k: (v, 0.0, 3) if v is not None else None for k, v in vals.items()},
         }
 
-    table = [row("QAT", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.8) for t in (2, 3, 4)]
-    table += [row("oscreg + PTQ", str(t), 0.5, 0.85, 0.9, 0.9, 0.9) for t in (2, 3, 4)]
-    claims = _claims(table)
-    assert "Holds (within 1 point or better) in 2/2" in claims[0]
-    assert "QAT ahead in 1/1" in claims[1]
-    assert "Regularized ahead in 2/2" in claims[2]
+    table = [row("qat", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.8) for t in (2, 3, 4)]
+    table += [row("qatste", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.95) for t in (2, 3, 4)]
+    table += [row("reg", str(t), 0.5, 0.85, 0.9, 0.9, 0.9) for t in (2, 3, 4)]
+    claims = "\n".join(_claims({"final": table}))
+    # 3- and 4-bit: +5/+10 points vs LSQ (0.8), -10/-5 vs max-abs STE (0.95)
+    assert "3-bit vs LSQ +5.0; 3-bit vs max-abs STE -10.0" in claims
+    assert "Within 1 point or better in 2/4" in claims
+    assert "QAT ahead in 2/2" in claims
+    assert "Regularized ahead in 4/4" in claims

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -27,9 +28,9 @@ def _ternary(w):
     return torch.clamp(torch.round(w / s), -1, 1) * s
 
 
-def test_gradient_is_two_times_q_minus_w_over_numel_per_layer():
+def test_constant_step_gradient_is_two_times_q_minus_w_over_numel_per_layer():
     model = _model().train()
-    reg = OscillationRegularizer(model, target_bits=2, lam=1.0)
+    reg = OscillationRegularizer(model, target_bits=2, lam=1.0, step_grad=False)
     model(torch.randn(2, 1, 8))
     reg.loss_term(model, 0, 10).backward()
     for name in ("0", "4", "6"):
@@ -40,15 +41,15 @@ def test_gradient_is_two_times_q_minus_w_over_numel_per_layer():
     assert model[1].weight.grad is None and model[5].weight.grad is None
 
 
-def test_regularizer_gradient_is_exact_negative_of_dampening():
+def test_constant_step_gradient_is_exact_negative_of_dampening():
     model = _model().train()
-    reg = OscillationRegularizer(model, target_bits=3, lam=1.0)
+    reg = OscillationRegularizer(model, target_bits=3, lam=1.0, step_grad=False)
     w = model[4].weight
     reg.penalty(["4"]).backward()
     g_reg = w.grad.clone()
     w.grad = None
     bin_distance(w, reg.quantizer("4"), "mean").backward()
-    assert torch.equal(g_reg, -w.grad)
+    assert torch.allclose(g_reg, -w.grad, atol=1e-9)
     assert g_reg.abs().sum() > 0
 
 
@@ -85,3 +86,81 @@ def test_all_zero_weight_is_finite():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(model[0].weight.grad).all()
     assert reg.value() == 0.0
+
+
+class _RoundSTE(torch.autograd.Function):
+    """The authors' rounding: forward round, backward identity."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _authors_penalty(weights, bits):
+    """Wenshøj et al.'s formula, re-implemented: s = max|W| / (2^(b-1)-1) NOT detached,
+    q = RoundSTE(W/s) * s, R = sum_layers mean(q^2 - W^2)."""
+    total = 0.0
+    for w in weights:
+        s = torch.max(torch.abs(w)) / (2 ** (bits - 1) - 1)
+        q = _RoundSTE.apply(w / s) * s
+        total = total + torch.mean(q**2 - w**2)
+    return total
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_default_gradient_equals_authors_formula_including_the_step_term(bits):
+    model = _model().train()
+    reg = OscillationRegularizer(model, target_bits=bits, lam=1.0)
+    assert reg.step_grad  # the authors' gradient is the default
+    model(torch.randn(2, 1, 8))
+    loss = reg.loss_term(model, 0, 10)
+    loss.backward()
+    names = ("0", "4", "6")
+    ours = {n: model.get_submodule(n).weight.grad.clone() for n in names}
+    copies = {n: model.get_submodule(n).weight.detach().clone().requires_grad_(True) for n in names}
+    ref = _authors_penalty(list(copies.values()), bits)
+    ref.backward()
+    assert abs(float(loss.detach()) - float(ref.detach())) < 1e-6
+    for n in names:
+        w = copies[n].detach()
+        assert torch.allclose(ours[n], copies[n].grad, atol=1e-7), n
+        # the step term: only the largest |w| differs from 2(q-w)/numel
+        const = 2 * (reg.quantizer(n).quantize_detached(w) - w) / w.numel()
+        diff = (ours[n] - const).abs()
+        top = w.abs() == w.abs().max()
+        assert torch.allclose(diff[~top], torch.zeros(()), atol=1e-7), n
+        assert float(diff[top].max()) > 1e-5, n
+
+
+def test_uniform_aggregation_pulls_every_weight_equally():
+    model = _model().train()
+    reg = OscillationRegularizer(model, target_bits=2, step_grad=False, aggregation="uniform")
+    reg.penalty().backward()
+    sizes = [model.get_submodule(n).weight.numel() for n in ("0", "4", "6")]
+    mean_size = sum(sizes) / 3
+    for name in ("0", "4", "6"):
+        w = model.get_submodule(name).weight
+        expected = 2 * (_ternary(w.detach()) - w.detach()) / mean_size
+        assert torch.allclose(w.grad, expected, atol=1e-7), name
+
+
+def test_stats_log_gradient_ratio_bin_position_and_range():
+    model = _model().train()
+    reg = OscillationRegularizer(model, target_bits=2, lam=2.0, stats_every=5)
+    x, y = torch.randn(4, 1, 8), torch.tensor([0, 1, 2, 0])
+    task = nn.functional.cross_entropy(model(x), y)
+    task_grads = torch.autograd.grad(task, [model[4].weight], retain_graph=True)
+    term = reg.loss_term(model, 5, 10)
+    (task + term).backward()
+    stats = reg.after_step(model, 5, 10)
+    w = model[4].weight.detach()
+    reg_grad = model[4].weight.grad - task_grads[0]
+    assert abs(stats["reg_ratio/4"] - float(reg_grad.norm() / task_grads[0].norm())) < 1e-4
+    u = w / (w.abs().max() / 1)
+    assert abs(stats["bin_pos/4"] - float((u - u.round()).abs().mean())) < 1e-6
+    assert abs(stats["max_std/4"] - float(w.abs().max() / w.std())) < 1e-5
+    assert reg.after_step(model, 6, 10) is None  # only every stats_every steps

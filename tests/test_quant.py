@@ -184,6 +184,87 @@ def test_maxabs_zero_tensor_is_safe():
     assert torch.isfinite(y).all() and (y == 0).all()
 
 
+def _round_ste(x):
+    return x + (torch.round(x) - x).detach()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_maxabs_ste_gradients_match_reference(bits, per_channel):
+    """``maxabs_ste``: s = max|x|/p with gradient, STE rounding; against plain autograd."""
+    torch.manual_seed(bits)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 5, dtype=torch.float64)
+    p = 2 ** (bits - 1) - 1
+    q = Quantizer(
+        bits, grid="restricted", scale="maxabs_ste", role="weight", channels=6 if per_channel else 1
+    )
+    (q(x) * g).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    xr = x.detach().clone().requires_grad_(True)
+    s = (xr.abs().amax(1, keepdim=True) if per_channel else xr.abs().max()) / p
+    ref_out = _round_ste(xr / s) * s
+    (ref_out * g).sum().backward()
+    assert torch.allclose(q(x.detach()), ref_out.detach())
+    assert torch.allclose(ours, xr.grad, atol=1e-12)
+    # the step term is there: the largest weight's gradient differs from plain STE (= g)
+    big = (
+        (x.detach().abs() == x.detach().abs().amax(1, keepdim=True))
+        if per_channel
+        else (x.detach().abs() == x.detach().abs().max())
+    )
+    assert not torch.allclose(ours[big], g[big])
+    assert torch.allclose(ours[~big], g[~big])
+    # the detached max-abs policy gives plain STE everywhere
+    xd = x.detach().clone().requires_grad_(True)
+    Quantizer(bits, grid="restricted", scale="maxabs", role="weight")(xd).mul(g).sum().backward()
+    assert torch.allclose(xd.grad, g)
+
+
+def test_maxabs_ste_surrogate_matches_finite_differences():
+    """With the rounding offsets frozen (the STE surrogate), the step gradient is exact."""
+    torch.manual_seed(0)
+    x0 = torch.randn(20, dtype=torch.float64)
+    quant = Quantizer(3, grid="restricted", scale="maxabs_ste", role="weight")
+    offset = (torch.round(x0 / (x0.abs().max() / 3)) - x0 / (x0.abs().max() / 3)).detach()
+    weights = torch.randn(20, dtype=torch.float64)
+
+    def surrogate(x):  # s(x) * (x/s(x) + frozen offset): what the STE differentiates
+        s = x.abs().max() / 3
+        return ((x / s + offset) * s * weights).sum()
+
+    x = x0.clone().requires_grad_(True)
+    (quant(x) * weights).sum().backward()
+    eps = 1e-6
+    fd = torch.stack(
+        [
+            (surrogate(x0 + eps * e) - surrogate(x0 - eps * e)) / (2 * eps)
+            for e in torch.eye(20, dtype=torch.float64)
+        ]
+    )
+    assert torch.allclose(x.grad, fd, atol=1e-6)
+
+
+def test_maxabs_ste_in_quantize_config():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    cfg = qatlab.QuantConfig(
+        weight_bits=2,
+        weights_only=True,
+        act_bits=None,
+        weight_grid="restricted",
+        weight_scale="maxabs_ste",
+        first_layer="same",
+        last_layer="same",
+    )
+    qmodel = qatlab.quantize(model, cfg)
+    assert not [p for _, q in quantizers(qmodel) for p in q.parameters()]  # nothing learned
+    qmodel(torch.randn(5, 4)).sum().backward()
+    w = qmodel[0].weight
+    assert set(qmodel[0].weight_int().unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
 def test_lsq_plus_learns_offset_for_asymmetric_input():
     torch.manual_seed(3)
     x = torch.rand(1000) * 3 - 0.5  # in [-0.5, 2.5]

@@ -269,6 +269,23 @@ def test_step_sizes_get_their_own_lr_and_no_weight_decay(tiny_data):
     assert pair.param_groups[1]["lr"] == 1e-5
 
 
+def test_step_size_recipe_depends_on_how_the_run_starts(tmp_path):
+    """auto: from scratch the steps train like the weights; from a checkpoint, Adam at 1e-5."""
+    scratch = load_config(None, ["quant.weight_bits=2"])
+    assert (scratch.train.quant_optimizer, scratch.train.quant_lr) == (None, None)
+    assert scratch.quant.weight_init == "meanabs"
+    ckpt = tmp_path / "float.pt"
+    ckpt.write_bytes(b"x")
+    tuned = load_config(None, ["quant.weight_bits=2", f"init_from={ckpt}"])
+    assert (tuned.train.quant_optimizer, tuned.train.quant_lr) == ("adam", 1e-5)
+    assert tuned.quant.weight_init == "mse"  # fine-tuning: exactly the previous defaults
+    explicit = load_config(None, ["train.quant_lr=1e-4", "train.quant_optimizer=sgd"])
+    assert (explicit.train.quant_optimizer, explicit.train.quant_lr) == ("sgd", 1e-4)
+    assert TrainConfig().validate().quant_lr is None  # a bare TrainConfig: from scratch
+    with pytest.raises(ConfigError, match="quant_lr"):
+        load_config(None, ["train.quant_lr=fast"])
+
+
 # ----------------------------------------------------------------------------- config
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"

@@ -32,7 +32,10 @@ class QuantConfig:
     weight_granularity: str = "tensor"  # "tensor" or "channel" (per output channel)
     weight_scale: str = "lsq"
     act_scale: str = "lsq"
-    weight_init: str = "mse"  # how an lsq step starts: mse, meanabs, minmax, percentile
+    # how an lsq weight step starts: mse, meanabs, minmax, percentile, or "auto": mse (Nagel's
+    # search, for trained weights) here and in quantize(); a training run resolves it by how it
+    # starts (RunConfig.validate): mse when fine-tuning, meanabs (LSQ's) from scratch
+    weight_init: str = "auto"
     act_init: str = "mse"
     act_signed: bool | str = "auto"  # "auto": unsigned if the first data seen has no negatives
     lsq_grad_scale: bool = True
@@ -57,7 +60,7 @@ class QuantConfig:
         choice("weight_granularity", self.weight_granularity, ("tensor", "channel"))
         choice("weight_scale", self.weight_scale, tuple(p for p in SCALE_POLICIES if p != "lsq+"))
         choice("act_scale", self.act_scale, SCALE_POLICIES)
-        choice("weight_init", self.weight_init, INIT_METHODS)
+        choice("weight_init", self.weight_init, (*INIT_METHODS, "auto"))
         choice("act_init", self.act_init, INIT_METHODS)
         choice("first_layer", self.first_layer, LAYER_POLICIES)
         choice("last_layer", self.last_layer, LAYER_POLICIES)

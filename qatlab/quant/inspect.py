@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from qatlab.quant.layers import quant_layers
+from qatlab.quant.quantizer import DYNAMIC_POLICIES
 
 
 @dataclass
@@ -53,7 +54,9 @@ def inspect(qmodel: nn.Module) -> list[LayerInfo]:
                 weight_int=layer.weight_int().to(dtype=_int_dtype(wq.grid_range)),
                 act_bits=None if aq is None else aq.bits,
                 act_grid=None if aq is None else aq.grid_range,
-                act_step=None if aq is None or aq.policy == "maxabs" else aq.step.detach().clone(),
+                act_step=None
+                if aq is None or aq.policy in DYNAMIC_POLICIES
+                else aq.step.detach().clone(),
                 num_weights=layer.weight.numel(),
             )
         )

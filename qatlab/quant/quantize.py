@@ -110,7 +110,7 @@ def _quant_layer(layer: nn.Module, config: QuantConfig, is_first: bool, is_last:
         signed=True,
         grid=config.weight_grid,
         scale=config.weight_scale,
-        init=config.weight_init,
+        init="mse" if config.weight_init == "auto" else config.weight_init,
         channels=channels,
         grad_scale=config.lsq_grad_scale,
         role="weight",

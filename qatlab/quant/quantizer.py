@@ -16,7 +16,8 @@ from qatlab.errors import ConfigError
 
 BITS = range(2, 9)
 GRIDS = ("full", "restricted")
-SCALE_POLICIES = ("lsq", "lsq+", "maxabs", "mse", "percentile", "minmax")
+SCALE_POLICIES = ("lsq", "lsq+", "maxabs", "maxabs_ste", "mse", "percentile", "minmax")
+DYNAMIC_POLICIES = ("maxabs", "maxabs_ste")  # step recomputed from the tensor on every call
 INIT_METHODS = ("mse", "meanabs", "minmax", "percentile")
 GRANULARITIES = ("tensor", "channel")
 _EPS = 1e-8
@@ -149,7 +150,10 @@ class Quantizer(nn.Module):
     """Fake-quantizes a tensor on a ``bits``-bit integer grid with a step size chosen by a policy.
 
     Policies: ``lsq`` (learned step), ``lsq+`` (learned step and offset, unsigned grid),
-    ``maxabs`` (``max|x|/p`` every call), ``mse``/``percentile``/``minmax`` (calibrated once).
+    ``maxabs`` (``max|x|/p`` every call, held constant in backward), ``maxabs_ste``
+    (``max|x|/p`` every call with the gradient flowing through it: ``dq/ds = round(x/s) - x/s``
+    and ``ds/dx = sign(x)/p`` at the largest ``|x|``; the quantizer of Wenshøj et al.'s QAT
+    baseline and regularizer), ``mse``/``percentile``/``minmax`` (calibrated once).
     ``signed="auto"`` decides the sign from the first data seen (unsigned after a ReLU).
     ``enabled=False`` makes it the identity; :meth:`set_bits` changes the bit width afterwards.
     An activation quantizer that was never calibrated initialises itself from its first
@@ -216,7 +220,7 @@ class Quantizer(nn.Module):
         _, p_old = self.grid_range
         self.bits = bits
         _, p_new = self.grid_range
-        if rescale and self.policy != "maxabs" and bool(self.initialized):
+        if rescale and self.policy not in DYNAMIC_POLICIES and bool(self.initialized):
             with torch.no_grad():
                 self.step.mul_(p_old / p_new)
 
@@ -229,7 +233,7 @@ class Quantizer(nn.Module):
             return x
         if self._ready is None:  # just loaded from a state dict
             self._ready = bool(self.initialized)
-        if self.policy != "maxabs" and not self._ready:
+        if self.policy not in DYNAMIC_POLICIES and not self._ready:
             if not self.training and self.role != "weight":
                 # evaluation data (maybe the test set) must never pick a step size
                 raise ConfigError(
@@ -239,19 +243,28 @@ class Quantizer(nn.Module):
                 )
             self.initialize(x)
         n, p = self.grid_range
-        step = self.current_step(x)
+        step = self.current_step(x, grad=self.policy == "maxabs_ste")
         if self.policy == "lsq+":
             return fake_quantize(x - self.offset, step, n, p, self._grad_scale(x, p)) + self.offset
-        grad_scale = self._grad_scale(x, p) if step.requires_grad else 1.0
+        lsq = self.policy == "lsq" and step.requires_grad
+        grad_scale = self._grad_scale(x, p) if lsq else 1.0
         return fake_quantize(x, step, n, p, grad_scale)
 
-    def current_step(self, x: Tensor | None = None) -> Tensor:
-        """The step size in use (``maxabs`` computes it from ``x``; never below 1e-8)."""
-        if self.policy == "maxabs":
+    def current_step(self, x: Tensor | None = None, grad: bool = False) -> Tensor:
+        """The step size in use (max-abs policies compute it from ``x``; never below 1e-8).
+
+        ``grad=True`` keeps a max-abs step attached to ``x`` (``max|x|/p`` is differentiable);
+        otherwise it is detached. Learned steps are returned as they are.
+        """
+        if self.policy in DYNAMIC_POLICIES:
             if x is None:
-                raise ValueError("a maxabs quantizer needs the tensor to compute its step")
+                raise ValueError("a max-abs quantizer needs the tensor to compute its step")
             _, p = self.grid_range
-            return static_step(x, "maxabs", 0, p, self.per_channel).detach()
+            if not grad:
+                return static_step(x, "maxabs", 0, p, self.per_channel).detach()
+            rows = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
+            step = (rows.abs().amax(1) / p).clamp_min(_EPS)
+            return step if self.per_channel else step[0]
         return self.step.clamp_min(_EPS)
 
     def _grad_scale(self, x: Tensor, p: int) -> float:
@@ -298,7 +311,7 @@ class Quantizer(nn.Module):
         """Set the step (and offset, sign) from a tensor: the weight, or a batch of activations."""
         if self.signed == "auto":
             self.signed = bool((x < 0).any())
-        if self.policy == "maxabs":
+        if self.policy in DYNAMIC_POLICIES:
             self.initialized.fill_(True)
             self._ready = True
             return

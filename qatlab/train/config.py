@@ -26,6 +26,14 @@ from qatlab.errors import ConfigError
 from qatlab.quant.config import QuantConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# What train.quant_optimizer / train.quant_lr = "auto" become (docs/results/qat_recipe.md):
+# from a float checkpoint, Nagel et al.'s fine-tuning set-up; from scratch, the weights' own
+# optimizer and LR (Adam at 1e-5 cannot follow weights that grow several-fold: -14 points
+# at W2 on MLP5 / MNIST-1D).
+STEP_RECIPES: dict[str, dict[str, Any]] = {
+    "fine_tune": {"quant_optimizer": "adam", "quant_lr": 1e-5, "weight_init": "mse"},
+    "scratch": {"quant_optimizer": None, "quant_lr": None, "weight_init": "meanabs"},
+}
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -119,11 +127,13 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False
     weight_decay: float = 0.0  # never applied to quantizer step sizes
-    # quantizer step sizes train apart from the weights, as in Nagel et al.'s released set-up:
-    # Adam at 1e-5. (Adam at the weights' LR moves a step by ~lr per update whatever its size,
-    # which can collapse small steps in a few updates.) None = same optimizer / LR as weights.
-    quant_optimizer: str | None = "adam"
-    quant_lr: float | None = 1e-5
+    # How quantizer step sizes train. "auto" picks a recipe by how the run starts (resolved by
+    # RunConfig.validate, see STEP_RECIPES): fine-tuning from a checkpoint (init_from) gets
+    # Nagel et al.'s set-up, Adam at 1e-5 apart from the weights; from scratch the steps train
+    # with the weights' optimizer and LR (None = same as the weights), since the grid must
+    # follow weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
+    quant_optimizer: str | None = "auto"
+    quant_lr: float | str | None = "auto"
     schedule: str = "cosine"  # cosine | constant, a function of the step over all steps
     schedule_per: str = "step"  # "step" or "epoch": when the cosine moves
     min_lr: float = 0.0  # as a fraction of the initial LR
@@ -147,7 +157,21 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _section(cls, data, "train").validate()
 
+    def apply_recipe(self, fine_tune: bool) -> TrainConfig:
+        """Resolve ``"auto"`` step-size settings: the fine-tune or the from-scratch recipe."""
+        recipe = STEP_RECIPES["fine_tune" if fine_tune else "scratch"]
+        if self.quant_optimizer == "auto":
+            self.quant_optimizer = recipe["quant_optimizer"]
+        if self.quant_lr == "auto":
+            self.quant_lr = recipe["quant_lr"]
+        return self
+
     def validate(self) -> TrainConfig:
+        self.apply_recipe(fine_tune=False)
+        if isinstance(self.quant_lr, str):
+            raise ConfigError(
+                f"train.quant_lr must be a number, null or 'auto', got {self.quant_lr!r}"
+            )
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
         if self.quant_optimizer is not None:
             choice("train.quant_optimizer", self.quant_optimizer, OPTIMIZERS)
@@ -197,6 +221,13 @@ class RunConfig:
     init_from: str | None = None  # checkpoint whose weights start this run (e.g. float -> QAT)
 
     def validate(self) -> RunConfig:
+        # the step-size recipe depends on how the run starts (fine-tune vs from scratch)
+        fine_tune = self.init_from is not None
+        self.train.apply_recipe(fine_tune)
+        if self.quant is not None and self.quant.weight_init == "auto":
+            self.quant.weight_init = STEP_RECIPES["fine_tune" if fine_tune else "scratch"][
+                "weight_init"
+            ]
         self.data.validate()
         self.model.validate()
         if self.quant is not None:
