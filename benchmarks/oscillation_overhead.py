@@ -1,4 +1,5 @@
-"""Per-step overhead of oscillation tracking, dampening and freezing, as a ratio to plain QAT.
+"""Per-step overhead of oscillation tracking, dampening, freezing and SAQ (full, and the efficient
+``every=4`` variant), as a ratio to plain QAT.
 
 Reference net and input as in ``step_overhead.py``; variants interleaved (ABCD ABCD ...) so
 drift on a shared machine hits them alike. Run: ``python benchmarks/oscillation_overhead.py``.
@@ -18,9 +19,12 @@ from torch import nn
 
 import qatlab
 from qatlab.methods.oscillation import IterativeFreezing, OscillationDampening, OscillationTracker
+from qatlab.methods.saq import SAQ
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_overhead import reference_net  # noqa: E402  (the same reference net)
+from step_overhead import reference_net  # noqa: E402, I001  (the same reference net)
+
+KINDS = ["qat", "qat+tracking", "qat+dampening", "qat+freezing", "qat+saq", "qat+saq-efficient"]
 
 
 def make_variant(kind: str, x: torch.Tensor, total: int):
@@ -32,20 +36,29 @@ def make_variant(kind: str, x: torch.Tensor, total: int):
         "qat+tracking": [OscillationTracker(q, momentum=0.01, log_every=0)],
         "qat+dampening": [OscillationDampening(lambda_max=0.1, start=0.0)],
         "qat+freezing": [IterativeFreezing(q, momentum=0.01, start=0.0, log_every=0)],
+        "qat+saq": [],
+        "qat+saq-efficient": [],
     }[kind]
     opt = torch.optim.SGD(q.parameters(), lr=0.01, momentum=0.9)
+    if kind == "qat+saq":
+        opt = SAQ(opt, q, rho=0.3)
+    elif kind == "qat+saq-efficient":
+        opt = SAQ(opt, q, rho=0.3, every=4)
     return q, hooks, opt
 
 
 def step(q, hooks, opt, x, y, i, total) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(q(x), y)
-    for h in hooks:
-        extra = h.loss_term(q, i, total)
-        if extra is not None:
-            loss = loss + extra
-    loss.backward()
-    opt.step()
+    def closure(sync: bool = True):  # two-pass wrappers (SAQ) call it twice
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(q(x), y)
+        for h in hooks:
+            extra = h.loss_term(q, i, total)
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        return loss
+
+    opt.step(closure)
     for h in hooks:
         h.after_step(q, i, total)
 
@@ -57,13 +70,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated variants")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    kinds = ["qat", "qat+tracking", "qat+dampening", "qat+freezing"]
     total = args.steps + args.warmup
     variants = {k: make_variant(k, x, total) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
