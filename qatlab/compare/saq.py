@@ -3,9 +3,10 @@
 LSQ against SAQ's three cases (1: latent-gradient ``e`` on ``q(w)``; 2: SAM on the latent
 weights; 3: SAQ) and the efficient variant (case 3 with a fresh ``e`` every 4th step, single
 passes at ``q(w) + e_last`` between), for mlp5 and cnn1d at W2A2, W3A3, W4A4. Phase 1 sweeps
-``rho`` at W3A3; each arm's ``rho`` for W2A2/W4A4 is the one with the best mean best-epoch
-validation accuracy there. Every run trains to the end (``restore_best=false``); the final and
-the best-validation (early-stopped) weights are both evaluated. ``python -m qatlab.compare saq``.
+``rho`` for mlp5 at W3A3 (the compute budget allows no more); each arm's ``rho`` everywhere else
+(cnn1d included) is the one with the best mean best-epoch validation accuracy there. Every run
+trains to the end (``restore_best=false``); the final and the best-validation (early-stopped)
+weights are both evaluated. ``python -m qatlab.compare saq``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from qatlab.train.metrics import write_json
 
 MODELS = ("mlp5", "cnn1d")
 BITS = (2, 3, 4)
-SWEEP_BITS = 3
+SWEEP_MODEL, SWEEP_BITS = "mlp5", 3
 RHOS = (0.05, 0.2, 0.8)
 EVERY = 4  # the efficient variant's k
 ARMS = {  # arm -> method options (None: plain LSQ)
@@ -119,10 +120,9 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     seed_list = list(range(seeds))
     saq_arms = [a for a in ARMS if ARMS[a] is not None]
 
-    # phase 1: rho sweep at W3A3 (LSQ once)
+    # phase 1: rho sweep, mlp5 at W3A3 (LSQ once)
     sweep = [
-        config(m, SWEEP_BITS, arm, rho, s, runs, epochs)
-        for m in MODELS
+        config(SWEEP_MODEL, SWEEP_BITS, arm, rho, s, runs, epochs)
         for s in seed_list
         for arm in ARMS
         for rho in ([None] if ARMS[arm] is None else RHOS)
@@ -130,12 +130,12 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     sweep_rows = run_jobs([(analyse, c) for c in sweep], processes, "saq sweep")
     chosen = _choose(sweep_rows)
 
-    # phase 2: the other widths at each (model, arm)'s chosen rho
+    # phase 2: every other (model, width) at each arm's chosen rho
     rest = [
-        config(m, b, arm, None if ARMS[arm] is None else chosen[(m, arm)], s, runs, epochs)
+        config(m, b, arm, chosen.get(arm), s, runs, epochs)
         for m in MODELS
         for b in BITS
-        if b != SWEEP_BITS
+        if (m, b) != (SWEEP_MODEL, SWEEP_BITS)
         for s in seed_list
         for arm in ARMS
     ]
@@ -143,7 +143,7 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     wall = time.perf_counter() - start
 
     main_rows = rest_rows + [
-        r for r in sweep_rows if r["arm"] == "LSQ" or r["rho"] == chosen[(r["model"], r["arm"])]
+        r for r in sweep_rows if r["arm"] == "LSQ" or r["rho"] == chosen[r["arm"]]
     ]
     _add_time_ratio(main_rows + sweep_rows)
     metrics = ["best_test", "best_gap", "final_test", "final_gap", "time_ratio"]
@@ -151,13 +151,13 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     order = {a: i for i, a in enumerate(ARMS)}
     table.sort(key=lambda r: (r["model"], r["bits"], order[r["arm"]]))
     for r in table:
-        r["rho"] = "–" if r["arm"] == "LSQ" else f"{chosen[(r['model'], r['arm'])]:g}"
+        r["rho"] = "–" if r["arm"] == "LSQ" else f"{chosen[r['arm']]:g}"
     sweep_table = mean_std(
         [r for r in sweep_rows if r["arm"] != "LSQ"],
-        ["model", "arm", "rho"],
+        ["arm", "rho"],
         ["best_val", "best_test", "best_gap", "final_test"],
     )
-    sweep_table.sort(key=lambda r: (r["model"], order[r["arm"]], r["rho"]))
+    sweep_table.sort(key=lambda r: (order[r["arm"]], r["rho"]))
     for r in sweep_table:
         r["rho"] = f"{r['rho']:g}"
     verdict = _verdict(table, saq_arms)
@@ -177,15 +177,15 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     return text
 
 
-def _choose(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """Each (model, arm)'s rho with the highest mean best-epoch validation accuracy."""
-    best: dict[tuple[str, str], tuple[float, float]] = {}
-    for (model, arm, rho), members in _groups(rows, ("model", "arm", "rho")).items():
+def _choose(rows: list[dict]) -> dict[str, float]:
+    """Each arm's rho with the highest mean best-epoch validation accuracy in the sweep."""
+    best: dict[str, tuple[float, float]] = {}
+    for (arm, rho), members in _groups(rows, ("arm", "rho")).items():
         if arm == "LSQ":
             continue
         val = statistics.fmean(r["best_val"] for r in members)
-        if (model, arm) not in best or val > best[(model, arm)][1]:
-            best[(model, arm)] = (rho, val)
+        if arm not in best or val > best[arm][1]:
+            best[arm] = (rho, val)
     return {k: v[0] for k, v in best.items()}
 
 
@@ -286,7 +286,7 @@ def _markdown(table, sweep_table, verdict, seeds, epochs, wall, quick, rows) -> 
             "",
             *verdict,
             "",
-            f"## rho sweep (W{SWEEP_BITS}A{SWEEP_BITS})",
+            f"## rho sweep ({SWEEP_MODEL}, W{SWEEP_BITS}A{SWEEP_BITS})",
             "",
             markdown_table(sweep_table, sweep_cols),
             "",
