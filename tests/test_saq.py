@@ -322,3 +322,49 @@ def test_cli_trains_with_saq(tiny_data_config, tmp_path, capsys):
     assert summary["config"]["method"]["rho"] == 0.1
     assert summary["config"]["method"]["every"] == 2
     assert summary["test_acc"] > 0.1
+
+
+def test_kill_and_resume_in_the_trainer_is_exact_mid_cycle(tiny_data_config, tmp_path):
+    """16 steps per epoch, every=3: the resumed epoch starts on a reused-e step, so the saved
+    e_last (wrapper state in the checkpointed optimizer) decides the result."""
+    from qatlab.methods.base import Hook
+    from qatlab.train import RunConfig, fit
+    from qatlab.train.runner import build
+
+    class Killer(Hook):
+        def after_step(self, model, step, total_steps):
+            if step + 1 == 20 and self.armed:
+                raise KeyboardInterrupt
+
+    raw = {
+        "data": tiny_data_config,
+        "model": {"name": "mlp5", "width": 32},
+        "quant": {"weight_bits": 3, "act_bits": 3},
+        "method": {"name": "saq", "rho": 0.2, "every": 3},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "progress": False},
+    }
+
+    def go(name: str, armed: bool, resume: bool = False):
+        cfg = RunConfig.from_dict({**raw, "name": name, "out_dir": str(tmp_path)})
+        model, data, hooks = build(cfg, resume=resume)
+        killer = Killer()
+        killer.armed = armed
+        fit(
+            model,
+            data,
+            cfg.train,
+            hooks=[*hooks, killer],
+            run_dir=cfg.run_dir,
+            resume=resume,
+            run_config=cfg,
+        )
+        return model, hooks[0]
+
+    whole, hook = go("whole", False)
+    assert hook.optimizer.steps == 32 and hook.optimizer.last_e is not None
+    with pytest.raises(KeyboardInterrupt):
+        go("cut", True)
+    resumed, hook2 = go("cut", False, resume=True)
+    assert hook2.optimizer.steps == 32
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
