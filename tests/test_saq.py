@@ -368,3 +368,44 @@ def test_kill_and_resume_in_the_trainer_is_exact_mid_cycle(tiny_data_config, tmp
     assert hook2.optimizer.steps == 32
     a, b = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+@pytest.mark.parametrize(
+    "case,per_replica,extras,first_sync,reduces",
+    [
+        (3, False, False, False, True),  # exact: no DDP sync in pass 1, one all-reduce of dL/dq
+        (3, False, True, True, True),  # extras need the synced parameter gradients too
+        (2, False, False, True, False),  # latent gradients: DDP's own sync is exact
+        (3, True, False, False, False),  # per replica: no communication at all
+        (1, True, False, False, False),
+    ],
+)
+def test_ddp_first_pass_sync_and_exact_reduction(
+    monkeypatch, case, per_replica, extras, first_sync, reduces
+):
+    """Two identical replicas simulated: all_reduce doubles, so the exact e equals the local."""
+    import qatlab.methods.saq as saq_mod
+
+    reduced = []
+
+    def fake_all_reduce(t):
+        reduced.append(t.numel())
+        t.mul_(2)
+
+    monkeypatch.setattr(saq_mod, "_distributed", lambda: True)
+    monkeypatch.setattr(saq_mod.dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(saq_mod.dist, "get_world_size", lambda: 2)
+    model = _model()
+    reference = copy.deepcopy(model)
+    ((x, y),) = _batches(1)
+    opt = SAQ(_sgd(model), model, rho=0.3, case=case, per_replica=per_replica, bias=extras)
+    ref = SAQ(_sgd(reference), reference, rho=0.3, case=case, bias=extras)
+    calls: list = []
+    opt.step(_closure(model, opt, x, y, calls))
+    assert calls == [first_sync, True]
+    assert bool(reduced) == reduces
+    if reduces:
+        assert reduced == [sum(m.weight.numel() for _, m in quant_layers(model))]
+    monkeypatch.setattr(saq_mod, "_distributed", lambda: False)
+    ref.step(_closure(reference, ref, x, y))
+    assert _same(_snapshot(model), _snapshot(reference))
