@@ -67,13 +67,13 @@ def _same(a: dict, b: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- rho = 0
-@pytest.mark.parametrize("case,every", [(3, 1), (2, 1), (1, 1), (3, 4)])
+@pytest.mark.parametrize("case,every", [(3, 1), (2, 4)])
 def test_rho_zero_step_is_exactly_plain_qat(case, every):
     plain = _model()
     saq_model = copy.deepcopy(plain)
     opt_plain = _sgd(plain)
     opt = SAQ(_sgd(saq_model), saq_model, rho=0.0, case=case, every=every)
-    for x, y in _batches(3):
+    for x, y in _batches(2):
         calls: list = []
         opt.step(_closure(saq_model, opt, x, y, calls))
         assert len(calls) == 1
@@ -247,9 +247,10 @@ def test_efficient_variant_one_pass_between_fresh_steps_and_reuses_e():
 # ----------------------------------------------------------------------------- state
 @pytest.mark.parametrize("case", [2, 3])
 def test_state_dict_round_trip_reproduces_the_following_steps(case):
+    """4 steps, save, 3 more; a fresh model + wrapper loaded from the save repeats those 3."""
     model = _model()
     opt = SAQ(_sgd(model), model, rho=0.3, case=case, every=3)
-    batches = _batches(9)
+    batches = _batches(7)
     for x, y in batches[:4]:
         opt.step(_closure(model, opt, x, y))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
