@@ -159,4 +159,5 @@ def _qat(model: nn.Module, quant: QuantConfig | None, total_steps: int) -> list[
 
 # ----------------------------------------------------------------------------- method modules
 # Each imported module registers its methods with @register_method: one line per module.
-from qatlab.methods import oscillation, oscreg  # noqa: E402, F401  (track, dampen, freeze, oscreg)
+from qatlab.methods import oscillation, oscreg  # noqa: E402, F401, I001  (track, dampen, freeze, oscreg)
+from qatlab.methods import saq  # noqa: E402, F401, I001  (saq)
