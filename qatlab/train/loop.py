@@ -202,7 +202,7 @@ def fit(
         best_state = None
         if ckpt is not None:
             load_model_state(model, ckpt["model"], ckpt_path)
-            base.load_state_dict(ckpt["optimizer"])
+            optimizer.load_state_dict(ckpt["optimizer"])  # outermost: wrapper state too
             for group in base.param_groups:  # the schedule sets lr from initial_lr every step
                 group.setdefault("initial_lr", group["lr"])
             for hook, hook_state in zip(hooks, ckpt["hooks"], strict=True):
@@ -334,7 +334,7 @@ def fit(
                     ckpt_path,
                     {
                         "model": model.state_dict(),
-                        "optimizer": base.state_dict(),
+                        "optimizer": optimizer.state_dict(),
                         "hooks": [h.state_dict() for h in hooks],
                         **state,
                         "rng": rng_state(),
