@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qatlab.compare import oscillations, oscreg
+from qatlab.compare import oscillations, oscreg, talr
 
-STUDIES = {"oscillations": oscillations.main, "oscreg": oscreg.main}
+STUDIES = {"oscillations": oscillations.main, "oscreg": oscreg.main, "talr": talr.main}
 
 
 def main(argv: list[str] | None = None) -> None:
