@@ -234,3 +234,26 @@ def test_resume_in_the_trainer_is_exact(tiny_data_config, tmp_path):
     assert h1.optimizer.U == h2.optimizer.U and h1.optimizer.K == h2.optimizer.K
     a, b = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_curves_get_a_transition_rate_panel_when_records_carry_tr(tmp_path):
+    from matplotlib.image import imread
+
+    from qatlab.train.plots import plot_curves
+
+    epochs = [
+        {"epoch": e, "step": 10 * e, "train_loss": 1.0 / (e + 1), "train_acc": 0.5,
+         "val_loss": 1.0 / (e + 1), "val_acc": 0.5 + 0.1 * e}
+        for e in range(4)
+    ]  # fmt: skip
+    steps = [
+        {"epoch": s // 10 + 1, "step": s, "tr": 0.01 / s, "talr_K": 0.005, "talr_R": 0.007,
+         "talr_U": 0.01 + 1e-4 * s}
+        for s in range(1, 40)
+    ]  # fmt: skip
+    plot_curves(epochs, tmp_path / "plain.png")
+    plot_curves(epochs + steps, tmp_path / "tr.png", title="talr")
+    plot_curves({"a": epochs + steps, "b": epochs}, tmp_path / "both.png")
+    plain, with_tr = imread(tmp_path / "plain.png"), imread(tmp_path / "tr.png")
+    assert with_tr.shape[1] > 1.35 * plain.shape[1]  # a third panel: 15 vs 10 inches wide
+    assert imread(tmp_path / "both.png").shape[1] > 1.35 * plain.shape[1]
