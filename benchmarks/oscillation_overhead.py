@@ -1,4 +1,4 @@
-"""Per-step overhead of oscillation tracking, dampening and freezing, as a ratio to plain QAT.
+"""Per-step overhead of oscillation tracking, dampening, freezing and TALR, as a ratio to plain QAT.
 
 Reference net and input as in ``step_overhead.py``; variants interleaved (ABCD ABCD ...) so
 drift on a shared machine hits them alike. Run: ``python benchmarks/oscillation_overhead.py``.
@@ -18,9 +18,12 @@ from torch import nn
 
 import qatlab
 from qatlab.methods.oscillation import IterativeFreezing, OscillationDampening, OscillationTracker
+from qatlab.methods.talr import TALRHook
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_overhead import reference_net  # noqa: E402  (the same reference net)
+
+KINDS = ("qat", "qat+tracking", "qat+dampening", "qat+freezing", "qat+talr")
 
 
 def make_variant(kind: str, x: torch.Tensor, total: int):
@@ -32,8 +35,11 @@ def make_variant(kind: str, x: torch.Tensor, total: int):
         "qat+tracking": [OscillationTracker(q, momentum=0.01, log_every=0)],
         "qat+dampening": [OscillationDampening(lambda_max=0.1, start=0.0)],
         "qat+freezing": [IterativeFreezing(q, momentum=0.01, start=0.0, log_every=0)],
+        "qat+talr": [TALRHook(q, total, log_every=0)],  # freezes weight steps: built first
     }[kind]
     opt = torch.optim.SGD(q.parameters(), lr=0.01, momentum=0.9)
+    for h in hooks:
+        opt = h.wrap_optimizer(opt, q)
     return q, hooks, opt
 
 
@@ -57,13 +63,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument(
+        "--variants", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
-    kinds = ["qat", "qat+tracking", "qat+dampening", "qat+freezing"]
+    kinds = ["qat", *[k for k in args.variants.split(",") if k != "qat"]]
     total = args.steps + args.warmup
     variants = {k: make_variant(k, x, total) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
