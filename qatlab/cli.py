@@ -31,6 +31,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- parsers
+def _methods_epilog() -> str:
+    """``--method`` choices with their descriptions (the registry's), for ``train --help``."""
+    from qatlab.methods import METHODS
+
+    rows = [f"  {name:<10}{spec.description}" for name, spec in sorted(METHODS.items())]
+    return "methods (--method):\n" + "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``qatlab`` argument parser."""
     parser = _Parser(prog="qatlab", description="Quantization-aware training experiments.")
@@ -39,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a float or quantized model",
-        description="Train a model from a YAML config and/or flags. Without "
-        "--wbits (and no quant section in the config) the model trains in float. "
+        description="Train a model from a YAML config and/or flags. Without --wbits (and no\n"
+        "quant section in the config) the model trains in float.\n"
         "Precedence: config file < flags < --set.",
+        epilog=_methods_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("--name", help="run name: results go to OUT_DIR/NAME (default: derived)")

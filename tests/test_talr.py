@@ -257,3 +257,10 @@ def test_curves_get_a_transition_rate_panel_when_records_carry_tr(tmp_path):
     plain, with_tr = imread(tmp_path / "plain.png"), imread(tmp_path / "tr.png")
     assert with_tr.shape[1] > 1.35 * plain.shape[1]  # a third panel: 15 vs 10 inches wide
     assert imread(tmp_path / "both.png").shape[1] > 1.35 * plain.shape[1]
+
+
+def test_train_help_lists_talr(capsys):
+    from qatlab.cli import main
+
+    assert main(["train", "--help"]) == 0
+    assert "talr      QAT with a scheduled transition rate" in capsys.readouterr().out
