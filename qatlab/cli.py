@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a float or quantized model",
-        description="Train a model from a YAML config and/or flags. Without "
-        "--wbits (and no quant section in the config) the model trains in float. "
+        description="Train a model from a YAML config and/or flags. Without --wbits (and no\n"
+        "quant section in the config) the model trains in float.\n"
         "Precedence: config file < flags < --set.",
         epilog=_methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

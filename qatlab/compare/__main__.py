@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qatlab.compare import oscillations, oscreg, saq
+from qatlab.compare import oscillations, oscreg, saq, talr
 
-STUDIES = {"oscillations": oscillations.main, "oscreg": oscreg.main, "saq": saq.main}
+STUDIES = {
+    "oscillations": oscillations.main,
+    "oscreg": oscreg.main,
+    "saq": saq.main,
+    "talr": talr.main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

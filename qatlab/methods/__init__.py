@@ -159,5 +159,9 @@ def _qat(model: nn.Module, quant: QuantConfig | None, total_steps: int) -> list[
 
 # ----------------------------------------------------------------------------- method modules
 # Each imported module registers its methods with @register_method: one line per module.
-from qatlab.methods import oscillation, oscreg  # noqa: E402, F401, I001  (track, dampen, freeze, oscreg)
-from qatlab.methods import saq  # noqa: E402, F401, I001  (saq)
+from qatlab.methods import (  # noqa: E402, F401  (one module per line)
+    oscillation,  # track, dampen, freeze
+    oscreg,  # oscreg
+    saq,  # saq
+    talr,  # talr
+)

@@ -30,17 +30,20 @@ def plot_curves(
     path: str | Path,
     title: str = "",
 ) -> None:
-    """Loss and accuracy per epoch (train and val) from ``metrics.jsonl`` records.
+    """Loss and accuracy per epoch (train and val) from ``metrics.jsonl`` records, and a third
+    panel with the transition rate when the records carry ``tr`` (plus TALR's running rate
+    ``talr_K``, target ``talr_R`` and, on a second axis, its LR ``talr_U`` when logged).
 
     ``records`` is one run's records, or ``{label: records}`` to overlay several runs.
     """
     plt = _pyplot()
     runs = records if isinstance(records, dict) else {"": records}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    with_tr = any("tr" in r for recs in runs.values() for r in recs)
+    fig, axes = plt.subplots(1, 3 if with_tr else 2, figsize=(15 if with_tr else 10, 3.6))
     for label, recs in runs.items():
         epochs = [r for r in recs if "val_loss" in r or "train_loss" in r]
         prefix = f"{label} " if label else ""
-        for ax, kind in zip(axes, ("loss", "acc"), strict=True):
+        for ax, kind in zip(axes[:2], ("loss", "acc"), strict=True):
             for split, style in (("train", "--"), ("val", "-")):
                 pts = [
                     (r["epoch"], r[f"{split}_{kind}"])
@@ -50,15 +53,48 @@ def plot_curves(
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, style, marker=".", label=f"{prefix}{split}")
-    for ax, kind in zip(axes, ("loss", "accuracy"), strict=True):
+    for ax, kind in zip(axes[:2], ("loss", "accuracy"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(kind)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if with_tr:
+        _plot_rates(axes[2], runs)
     if title:
         fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
+
+
+def _plot_rates(ax, runs: dict[str, Sequence[dict[str, Any]]]) -> None:
+    """Transition rate (%) per step, in epochs on the x axis; TALR's K, R and U when logged."""
+    u_ax = None
+    for label, recs in runs.items():
+        prefix = f"{label} " if label else ""
+        ends = [r for r in recs if "val_loss" in r and r.get("epoch", 0) > 0 and r.get("step")]
+        per_epoch = ends[0]["step"] / ends[0]["epoch"] if ends else 1.0
+        for key, style, name in (
+            ("tr", "-", "TR k_t"),
+            ("talr_K", "-", "running TR K_t"),
+            ("talr_R", "--", "target R_t"),
+        ):
+            pts = [(r["step"] / per_epoch, 100 * r[key]) for r in recs if key in r and "step" in r]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                alpha = 0.4 if key == "tr" else 1.0
+                ax.plot(xs, ys, style, lw=1, alpha=alpha, label=f"{prefix}{name}")
+        pts = [(r["step"] / per_epoch, r["talr_U"]) for r in recs if "talr_U" in r]
+        if pts:
+            u_ax = u_ax or ax.twinx()
+            xs, ys = zip(*pts, strict=True)
+            u_ax.plot(xs, ys, ":", color="tab:red", label=f"{prefix}U_t")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("transition rate (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    if u_ax is not None:
+        u_ax.set_ylabel("TALR learning rate U_t")
+        u_ax.legend(fontsize=8, loc="upper right")
 
 
 def plot_bars(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
