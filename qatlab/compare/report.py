@@ -161,12 +161,12 @@ def _groups(res: Results, rows: list[dict] | None = None) -> list[tuple[tuple, l
     for cell in res.cells:  # grid order, even for groups with no finished cell yet
         order.setdefault(tuple(_key_value(cell, k) for k in keys), [])
     for row in res.rows if rows is None else rows:
-        order.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+        order.setdefault(tuple(row.get(k, "–") for k in keys), []).append(row)
     return [(k, v) for k, v in order.items() if v]
 
 
 def _key_value(cell: dict, key: str):
-    return cell["stage"] if key == "stage" else cell["labels"].get(key)
+    return cell["stage"] if key == "stage" else cell["labels"].get(key, "–")
 
 
 def _stats(values: list) -> tuple[float, float, int] | None:
@@ -184,7 +184,10 @@ def _columns(res: Results, section: str) -> list[str]:
             entry = column_for(key)
             if entry and entry[0].section == section and is_number(value) and key not in keys:
                 keys.append(key)
-    return keys
+    from qatlab.compare.measures import COLUMNS
+
+    rank = {id(c): i for i, c in enumerate(COLUMNS)}
+    return sorted(keys, key=lambda k: rank[id(column_for(k)[0])])  # stable: first-seen within
 
 
 def metric_table(res: Results, keys: list[str], rows: list[dict] | None = None) -> Table:
@@ -238,6 +241,7 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
     if "bits" not in res.label_columns:
         return None
     widths = sorted({r["bits"] for r in res.rows}, key=bits_order)
+    widths = widths[::-1]  # float first, then the widest
     if len(widths) < 2:
         return None
     others = [k for k in res.group_keys() if k != "bits"]
@@ -245,7 +249,7 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
     for cell in res.cells:
         order.setdefault(tuple(_key_value(cell, k) for k in others), {})
     for row in res.rows:
-        per = order.setdefault(tuple(row.get(k) for k in others), {})
+        per = order.setdefault(tuple(row.get(k, "–") for k in others), {})
         per.setdefault(row["bits"], []).append(row.get("test_acc"))
         if row["bits"] == "float":
             for w in widths:
@@ -452,6 +456,7 @@ def _plot_bits(res: Results, pivot) -> None:
     from qatlab.train.plots import _save
 
     _, widths, series = pivot
+    widths = widths[::-1]  # narrow to wide, float last
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = list(range(len(widths)))

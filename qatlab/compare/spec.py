@@ -215,10 +215,6 @@ def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
                 config["quant"] = None  # float-only methods run once, in float
             if spec.needs_quant is True and config.get("quant") is None:
                 continue
-        for rule in overrides:
-            if _matches(config, rule.get("when") or {}):
-                for key, value in _nested(rule.get("set") or {}, "override set").items():
-                    _set(config, key, copy.deepcopy(value))
         key = json.dumps(config, sort_keys=True, default=str)
         if key in seen:
             continue
@@ -227,6 +223,10 @@ def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
         for seed in seeds:
             cfg = copy.deepcopy(config)
             set_dotted(cfg, "train.seed", seed)
+            for rule in overrides:  # after the seed, so a rule may single out one seed
+                if _matches(cfg, rule.get("when") or {}):
+                    for k, value in _nested(rule.get("set") or {}, "override set").items():
+                        _set(cfg, k, copy.deepcopy(value))
             parts = ([stage] if stage else []) + [_slug(v) for v in labels.values()] + [f"s{seed}"]
             name = "-".join(parts)
             check = copy.deepcopy(cfg)
