@@ -366,7 +366,8 @@ def _compare(grid, out: Path, source: str, args: argparse.Namespace) -> int:
     table = build_report(out)
     print(table)
     failed = f", {counts['failed']} failed (see the report)" if counts["failed"] else ""
-    print(f"{counts['done']}/{len(grid.cells)} cells finished{failed}; report: {out / 'report.html'}")
+    done = f"{counts['done']}/{len(grid.cells)} cells finished{failed}"
+    print(f"{done}; report: {out / 'report.html'}")
     return 0
 
 

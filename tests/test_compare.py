@@ -113,7 +113,8 @@ def test_killed_comparison_resumes_without_rerunning_finished_cells(tmp_path, ti
         if e["event"] == "start":
             starts[e["cell"]] = starts.get(e["cell"], 0) + 1
     assert all(starts[n] == 1 for n in finished)  # finished cells never ran again
-    assert all((out / "cells" / n / "result.json").stat().st_mtime_ns == stamps[n] for n in finished)
+    for n in finished:
+        assert (out / "cells" / n / "result.json").stat().st_mtime_ns == stamps[n]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # the report has every cell
     assert "| qat | W2A4 |" in (out / "report.md").read_text()
@@ -165,6 +166,8 @@ def test_bad_grid_is_one_line_before_anything_runs(tmp_path, capsys, extra, mess
 
 
 def test_foreign_or_other_grid_folder_is_refused(tmp_path, tiny_data_config, capsys):
+    from qatlab.compare.engine import prepare_folder
+
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "float").mkdir()
@@ -173,9 +176,12 @@ def test_foreign_or_other_grid_folder_is_refused(tmp_path, tiny_data_config, cap
     assert sorted(p.name for p in foreign.iterdir()) == ["float"]  # untouched
     grid = _grid(tmp_path, tiny_data_config, axes={"method.name": ["float"]})
     out = tmp_path / "cmp"
-    assert main(["compare", str(grid), "--out", str(out), "--quiet", "--set", "seeds=[0]"]) == 0
+    prepare_folder(out, load_grid(grid, ["seeds=[0]"]), str(grid))
+    assert (out / "comparison.json").is_file()
+    prepare_folder(out, load_grid(grid, ["seeds=[0]"]), str(grid))  # the same grid: fine
     assert main(["compare", str(grid), "--out", str(out), "--set", "seeds=[1]"]) == 2
     assert "holds another comparison" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["cells.json", "comparison.json"]
 
 
 def test_presets_expand():
@@ -185,9 +191,7 @@ def test_presets_expand():
 
     assert methods == set(METHODS)  # every registered method, automatically
     float_only = [n for n, s in METHODS.items() if s.needs_quant is False]
-    assert all(
-        c.labels["bits"] == "float" for c in demo.cells if c.labels["method"] in float_only
-    )
+    assert all(c.labels["bits"] == "float" for c in demo.cells if c.labels["method"] in float_only)
     osc = load_grid("oscillations")
     assert len(osc.cells) == 6 + 36
     assert all(c.depends_on for c in osc.cells if c.stage == "qat")
@@ -196,16 +200,20 @@ def test_presets_expand():
 # ----------------------------------------------------------------------------- ray
 def test_ray_backend_matches_local(tmp_path, tiny_data_config):
     pytest.importorskip("ray")
+    from qatlab.compare.engine import run_cell
+
     axes = {"method.name": ["qat", "float"], "quant.weight_bits": [4]}
     grid = _grid(tmp_path, tiny_data_config, axes=axes)
-    common = ["--workers", "2", "--threads", "1", "--quiet"]
-    assert main(["compare", str(grid), "--out", str(tmp_path / "a"), *common]) == 0
-    assert main(["compare", str(grid), "--out", str(tmp_path / "b"), "--backend", "ray", *common]) == 0
-    rows = {}
-    for name in ("a", "b"):
-        lines = (tmp_path / name / "results.jsonl").read_text().splitlines()
-        rows[name] = {r["cell"]: r["test_acc"] for r in map(json.loads, lines)}
-    assert rows["a"] == rows["b"] and len(rows["a"]) == 2
+    common = ["--workers", "2", "--threads", "1", "--quiet", "--backend", "ray"]
+    assert main(["compare", str(grid), "--out", str(tmp_path / "ray"), *common]) == 0
+    lines = (tmp_path / "ray" / "results.jsonl").read_text().splitlines()
+    ray_rows = {r["cell"]: r for r in map(json.loads, lines)}
+    assert len(ray_rows) == 2
+    for cell in load_grid(grid).cells:  # the same cell in this process (what a local worker runs)
+        local = run_cell(cell.to_dict(), str(tmp_path / "local"), threads=1)
+        assert local["status"] == "done"
+        for key in ("test_acc", "test_loss", "val_acc"):
+            assert local["row"][key] == ray_rows[cell.name][key]
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -240,7 +240,7 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
     row fills the bit-width columns with its post-training-quantized accuracy (marked PTQ)."""
     if "bits" not in res.label_columns:
         return None
-    widths = sorted({r["bits"] for r in res.rows}, key=bits_order)
+    widths = sorted({_bits_of(r) for r in res.rows}, key=bits_order)
     widths = widths[::-1]  # float first, then the widest
     if len(widths) < 2:
         return None
@@ -250,8 +250,8 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
         order.setdefault(tuple(_key_value(cell, k) for k in others), {})
     for row in res.rows:
         per = order.setdefault(tuple(row.get(k, "–") for k in others), {})
-        per.setdefault(row["bits"], []).append(row.get("test_acc"))
-        if row["bits"] == "float":
+        per.setdefault(_bits_of(row), []).append(row.get("test_acc"))
+        if _bits_of(row) == "float":
             for w in widths:
                 if f"ptq_{w}" in row:
                     per.setdefault(f"ptq:{w}", []).append(row[f"ptq_{w}"])
@@ -285,6 +285,10 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
             top = max(v for _, v in vals)
             table.marked |= {(i, j) for i, v in vals if v == top}
     return table, widths, series
+
+
+def _bits_of(row: dict) -> str:
+    return row.get("bits", row["bits_trained"])
 
 
 def _describe(method: str) -> str:

@@ -117,11 +117,32 @@ def read_grid(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         )
     for item in overrides:
         key, value = parse_override(item)
-        if "." not in key:
-            data[key] = value
-        else:
-            set_dotted(data, key, value)
+        _set_path(data, key, value)
     return data
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted`` that also walks into lists by index (``stages.0.set.train.epochs``)."""
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"cannot set {key}: no item {part} in {'.'.join(parts[:i])}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"cannot set {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"cannot set {key}: no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def load_grid(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Grid:
