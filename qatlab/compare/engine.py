@@ -51,9 +51,17 @@ def run_cell(cell_dict: dict[str, Any], cells_dir: str, threads: int = 0) -> dic
 
     if threads:
         torch.set_num_threads(threads)
+    import fcntl
+
     cell = Cell.from_dict(cell_dict)
     run_dir = Path(cells_dir) / cell.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".lock", "a")  # noqa: SIM115
     try:
+        # a worker orphaned by a killed driver may still be finishing this cell: wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (run_dir / "result.json").is_file():
+            return {"status": "done", "cell": cell.name, "row": _read(run_dir / "result.json")}
         row = _train_and_measure(cell, cells_dir)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, the grid goes on
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -62,7 +70,13 @@ def run_cell(cell_dict: dict[str, Any], cells_dir: str, threads: int = 0) -> dic
             {"cell": cell.name, "reason": reason, "traceback": traceback.format_exc()},
         )
         return {"status": "failed", "cell": cell.name, "reason": reason}
+    finally:
+        lock.close()
     return {"status": "done", "cell": cell.name, "row": row}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def _train_and_measure(cell: Cell, cells_dir: str) -> dict[str, Any]:
@@ -300,8 +314,8 @@ class Progress:
     def eta(self) -> str:
         if not self.durations:
             return "?"
-        per_cell = sum(self.durations) / len(self.durations)
-        seconds = (self.left + 0.5 * self.running) * per_cell / max(1, min(self.workers, 1e9))
+        per_cell = sum(self.durations) / len(self.durations)  # while `workers` run at once
+        seconds = (self.left + 0.5 * self.running) * per_cell / max(1, self.workers)
         return _duration(seconds)
 
     def status(self) -> str:
