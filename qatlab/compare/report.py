@@ -328,8 +328,9 @@ def _header(res: Results) -> list:
             "p",
             f"{n} cells ({len(res.rows)} finished, {len(res.failures)} failed, {left} not run), "
             f"seeds {', '.join(map(str, seeds))}; training time summed over the finished cells "
-            f"{train_s / 60:.1f} min. Rebuild this report: `qatlab report {res.out.name}`; "
-            f"rerun (finished cells are kept): `qatlab compare {source}`.",
+            f"{train_s / 60:.1f} min. Grid: `{source}`. The same command again runs only "
+            "what is missing; `qatlab report` on this folder rebuilds this page from the stored "
+            "results.",
         )
     )
     return blocks
@@ -479,11 +480,20 @@ def _plot_bits(res: Results, pivot) -> None:
 
 
 def _plot_curves(res: Results) -> None:
+    """Validation accuracy per epoch (mean over seeds), one panel per bit width if any."""
     from qatlab.train.plots import _save
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, members in _groups(res):
+    keys = res.group_keys()
+    split = "bits" in keys
+    groups = _groups(res)
+    panels = sorted({k[keys.index("bits")] for k, _ in groups}, key=bits_order) if split else [""]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.6 * len(panels) + 1, 3.6), sharey=True, squeeze=False
+    )
+    for key, members in groups:
+        panel = key[keys.index("bits")] if split else ""
+        ax = axes[0][panels.index(panel)]
         curves = [
             {r["epoch"]: r["val_acc"] for r in res.records(m["cell"]) if "val_acc" in r}
             for m in members
@@ -491,11 +501,14 @@ def _plot_curves(res: Results) -> None:
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if epochs:
             ys = [sum(c[e] for c in curves) / len(curves) * 100 for e in epochs]
-            ax.plot(epochs, ys, marker=".", label=" ".join(map(str, key)) or "all")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%), mean over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+            label = " ".join(str(v) for k, v in zip(keys, key, strict=True) if k != "bits")
+            ax.plot(epochs, ys, marker=".", label=label or "all")
+    for ax, panel in zip(axes[0], panels, strict=True):
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("validation accuracy (%), mean over seeds")
     _save(fig, res.out / "curves.png")
     plt.close(fig)
 
