@@ -378,6 +378,9 @@ def run_grid(
                     (cells_dir / name / "failed.json").unlink()
                     status[name] = "partial"
         todo = [c for c in grid.cells if status[c.name] in ("new", "partial")]
+        # the first seed of every setting first: a partial comparison already covers the grid
+        seeds = list(dict.fromkeys(c.seed for c in grid.cells))
+        todo.sort(key=lambda c: seeds.index(c.seed))
         n_done = sum(s == "done" for s in status.values())
         n_failed = sum(s == "failed" for s in status.values())
         prog = Progress(len(grid.cells), n_done, n_failed, workers, progress)
