@@ -229,7 +229,10 @@ def column_for(key: str) -> tuple[Column, str] | None:
         if key == col.key:
             return col, col.header
         if col.key.endswith("_") and key.startswith(col.key) and key not in _EXACT:
-            return col, col.header.format(key[len(col.key) :])
+            suffix = key[len(col.key) :]
+            if col.key == "xb_" and not suffix.isdigit():  # xb_float, xb_trained
+                return col, f"{suffix} %"
+            return col, col.header.format(suffix)
     return None
 
 

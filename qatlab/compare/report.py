@@ -211,13 +211,25 @@ def metric_table(res: Results, keys: list[str], rows: list[dict] | None = None) 
                 means.setdefault(j, []).append((i, shown if col.better == "max" else -shown))
         cells.append(str(len(members)))
         table.rows.append(cells)
-    if len(groups) > 1:
-        for j, vals in means.items():
-            best = max(v for _, v in vals)
-            for i, v in vals:
-                if v == best:
-                    table.marked.add((i, len(gkeys) + j))
+    _mark(table, {j + len(gkeys): v for j, v in means.items()}, gkeys)
     return table
+
+
+def _mark(table: Table, values: dict[int, list[tuple[int, float]]], keys: list[str]) -> None:
+    """Bold the best value of each column among the methods and bit widths of one setting
+    (rows that agree on every other label: stage, model, data...), never across settings."""
+    where = [n for n, k in enumerate(keys) if k not in ("method", "bits")]
+
+    def stage_of(i: int) -> tuple:
+        return tuple(table.rows[i][n] for n in where)
+
+    for j, vals in values.items():
+        for stage in {stage_of(i) for i, _ in vals}:
+            part = [(i, v) for i, v in vals if stage_of(i) == stage]
+            if len(part) < 2:
+                continue
+            best = max(v for _, v in part)
+            table.marked |= {(i, j) for i, v in part if v == best}
 
 
 def _fmt(stats: tuple[float, float, int], scale: float, digits: int) -> str:
@@ -280,10 +292,7 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
                 best.setdefault(len(cells) - 1, []).append((len(table.rows), round(stats[0], 3)))
         table.rows.append(cells)
         series[" ".join(str(v) for v in key) or "all"] = line
-    if len(table.rows) > 1:
-        for j, vals in best.items():
-            top = max(v for _, v in vals)
-            table.marked |= {(i, j) for i, v in vals if v == top}
+    _mark(table, best, others)
     return table, widths, series
 
 
