@@ -137,13 +137,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser(
+        "compare",
+        help="run a comparison grid (methods x bits x seeds ...), resumable, with a report",
+        description="Run every cell of a comparison grid (a YAML file or a preset: "
+        + ", ".join(_presets())
+        + ") into --out, then write report.md/report.html/results.csv there. Finished cells are "
+        "never run again; a killed comparison resumes; a failed cell is recorded and the rest go "
+        "on.",
+    )
+    p.add_argument("grid", metavar="GRID", help="grid YAML file or preset name")
+    p.add_argument("--out", help="comparison folder (default: runs/compare/<grid name>)")
+    p.add_argument("--workers", type=int, default=2, help="cells run in parallel (default 2)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores/workers)")
+    p.add_argument("--backend", default="local", help="local (worker processes) or ray")
+    p.add_argument("--address", help="ray: address of an existing cluster (default: local)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the grid document, e.g. seeds=[0], base.train.epochs=2",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "report",
+        help="rebuild a comparison's report from its stored results",
+        description="Rewrite report.md, report.html, results.csv/.jsonl and plots of a "
+        "comparison folder from the results stored there (nothing is trained).",
+    )
+    p.add_argument("dir", metavar="DIR", help="a folder written by qatlab compare")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
         "demo",
-        help="float vs PTQ vs QAT on MNIST-1D in under a minute",
-        description="Train a float cnn1d and an LSQ W4A4 QAT model on MNIST-1D, "
-        "post-training quantize the float one at W4A4 and W8A8, and write a "
-        "results table and plots.",
+        help="every registered method on MNIST-1D at W4A4/W3A3/W2A2, 2 seeds (a few minutes)",
+        description="Run the 'demo' comparison preset (MNIST-1D, mlp5, every registered method "
+        "at its defaults, 2 seeds) and print its table and the path of report.html.",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny version (seconds), for tests")
     p.add_argument("--cache-dir", help="where generated MNIST-1D is cached")
     p.add_argument("--quiet", action="store_true")
@@ -307,14 +344,71 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from qatlab.train.demo import demo, format_table
+def _presets() -> list[str]:
+    from importlib import resources
 
-    rows = demo(args.out, quick=args.quick, cache_dir=args.cache_dir, verbose=not args.quiet)
-    print(format_table(rows))
-    out = Path(args.out)
-    print(f"results: {out / 'results.csv'}; plots: {out / 'curves.png'}, {out / 'accuracy.png'}")
+    folder = resources.files("qatlab.compare") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qatlab.compare.spec import load_grid
+
+    grid = load_grid(args.grid, args.overrides)  # every cell checked before anything runs
+    out = Path(args.out) if args.out else Path("runs/compare") / grid.name
+    if args.dry_run:
+        from qatlab.compare.engine import cell_status, prepare_folder
+
+        prepare_folder(out, grid, args.grid, create=False)
+        for cell in grid.cells:
+            after = f"  (after {cell.depends_on})" if cell.depends_on else ""
+            print(f"{cell_status(out, cell.name):8}{cell.name}{after}")
+        print(f"{len(grid.cells)} cells; folder {out}")
+        return 0
+    return _compare(grid, out, args.grid, args)
+
+
+def _compare(grid, out: Path, source: str, args: argparse.Namespace) -> int:
+    from qatlab.compare.engine import run_grid
+    from qatlab.compare.report import build_report
+
+    counts = run_grid(
+        grid,
+        out,
+        source=source,
+        workers=args.workers,
+        backend=getattr(args, "backend", "local"),
+        address=getattr(args, "address", None),
+        threads=getattr(args, "threads", None),
+        retry_failed=getattr(args, "retry_failed", False),
+        progress=not args.quiet,
+    )
+    table = build_report(out)
+    print(table)
+    failed = f", {counts['failed']} failed (see the report)" if counts["failed"] else ""
+    done = f"{counts['done']}/{len(grid.cells)} cells finished{failed}"
+    print(f"{done}; report: {out / 'report.html'}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qatlab.compare.report import build_report
+
+    print(build_report(args.dir))
+    print(f"report: {Path(args.dir) / 'report.html'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qatlab.compare.spec import load_grid
+
+    overrides = []
+    if args.quick:
+        overrides += ["base.data.num_samples=1500", "base.train.epochs=1", "seeds=[0]"]
+    if args.cache_dir:
+        overrides.append(f"base.data.cache_dir={args.cache_dir}")
+    grid = load_grid("demo", overrides)
+    return _compare(grid, Path(args.out), "demo", args)
 
 
 def _bit_list(text: str) -> list[int]:

@@ -1,11 +1,21 @@
-"""Grids of runs, their results, and the reports in ``docs/results``.
+"""Comparisons: grids of training runs, the engine that runs them resumably, and their reports.
 
-Each study is a preset: ``python -m qatlab.compare oscillations`` (or ``oscreg``) trains every
-run that is not finished yet (a killed study resumes), analyses them and writes
-``<out>/<study>.md`` with its plots.
+``qatlab compare GRID.yaml|PRESET`` expands a grid (:mod:`qatlab.compare.spec`), runs its
+cells on worker processes or Ray (:mod:`qatlab.compare.engine`), measures each
+(:mod:`qatlab.compare.measures`) and writes the report (:mod:`qatlab.compare.report`).
+Presets live in ``qatlab/compare/presets``.
 """
 
 from qatlab.compare.grid import run_jobs, train_job
-from qatlab.compare.report import markdown_table, mean_std
+from qatlab.compare.report import build_report, markdown_table, mean_std
+from qatlab.compare.spec import load_grid, presets
 
-__all__ = ["markdown_table", "mean_std", "run_jobs", "train_job"]
+__all__ = [
+    "build_report",
+    "load_grid",
+    "markdown_table",
+    "mean_std",
+    "presets",
+    "run_jobs",
+    "train_job",
+]

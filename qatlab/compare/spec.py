@@ -1,0 +1,399 @@
+"""A comparison grid: its YAML form, and its expansion into cells (ordinary training runs).
+
+A grid is a base run config (the nesting of ``qatlab train`` YAML) plus axes over dotted config
+keys, seeds, conditional overrides and follow-up measures::
+
+    name: demo
+    base: {data: {name: mnist1d}, model: {name: mlp5}, train: {epochs: 4}}
+    seeds: [0, 1]
+    axes:
+      method.name: "*"                 # every registered method
+      quant: [{weight_bits: 4, act_bits: 4}, {weight_bits: 2, act_bits: 2}]
+    overrides:
+      - {when: {method.name: dampen}, set: {method.lambda_max: 0.05}}
+    follow_ups:
+      - {measure: ptq, bits: [4, 2], when: {quant: null}}
+
+A grid may instead list ``stages`` (each with ``name`` and its own ``set``, ``axes``,
+``overrides``, ``follow_ups``); ``init_from: STAGE`` starts each cell from the ``best.pt`` of
+the cell of STAGE with the same seed and the same values on the axes both stages have, which
+therefore runs first. A method that trains float models only runs once per setting, in float;
+a method that needs quantization skips float cells. Everything is checked here, before any
+cell runs: each mistake is one :class:`ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qatlab.errors import ConfigError
+from qatlab.train.config import merge, parse_override, read_yaml, set_dotted
+
+GRID_KEYS = ("name", "description", "base", "seeds", "axes", "overrides", "follow_ups", "stages")
+STAGE_KEYS = ("name", "set", "axes", "overrides", "follow_ups", "init_from")
+ALL_METHODS = "*"
+
+
+@dataclass
+class Cell:
+    """One training run of a grid and what to measure on it afterwards."""
+
+    name: str
+    stage: str
+    seed: int
+    labels: dict[str, str]  # axis column -> value label, e.g. {"method": "dampen", "bits": "W4A4"}
+    config: dict[str, Any]  # the run config (plain dict); out_dir/name filled in by the engine
+    follow_ups: list[dict[str, Any]] = field(default_factory=list)
+    depends_on: str | None = None  # name of the cell whose best.pt starts this one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "seed": self.seed,
+            "labels": dict(self.labels),
+            "config": copy.deepcopy(self.config),
+            "follow_ups": copy.deepcopy(self.follow_ups),
+            "depends_on": self.depends_on,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        return cls(**data)
+
+
+@dataclass
+class Grid:
+    """A parsed, validated grid: its source dict (what the folder marker records) and cells."""
+
+    name: str
+    description: str
+    source: dict[str, Any]
+    cells: list[Cell]
+    label_columns: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the grid as written (after ``--set``): a folder holds one grid only."""
+        text = json.dumps(self.source, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
+
+# ----------------------------------------------------------------------------- loading
+def presets() -> list[str]:
+    """Names of the grids shipped with qatlab (``qatlab compare NAME``)."""
+    folder = resources.files("qatlab.compare") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_grid(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The grid dict from a YAML file or a preset name, with ``KEY=VALUE`` overrides applied
+    (dotted keys into the grid document, e.g. ``seeds=[0]`` or ``base.train.epochs=1``)."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"no grid file at {source}")
+        data = read_yaml(path)
+    elif str(source) in presets():
+        folder = resources.files("qatlab.compare") / "presets"
+        import yaml
+
+        data = yaml.safe_load((folder / f"{source}.yaml").read_text()) or {}
+    else:
+        hint = difflib.get_close_matches(str(source), presets(), n=1)
+        tip = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(
+            f"{source!r} is neither a grid file nor a preset{tip}; presets: {', '.join(presets())}"
+        )
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    return data
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted`` that also walks into lists by index (``stages.0.set.train.epochs``)."""
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"cannot set {key}: no item {part} in {'.'.join(parts[:i])}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"cannot set {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"cannot set {key}: no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_grid(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Grid:
+    """Read and expand a grid; every cell's config is validated before anything runs."""
+    data = read_grid(source, overrides)
+    default = Path(str(source)).stem
+    return expand(data, default_name=default)
+
+
+def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
+    """Expand a grid dict into its cells (validated)."""
+    if not isinstance(data, dict):
+        raise ConfigError("a grid must be a mapping (name, base, seeds, axes, ...)")
+    _check_keys(data, GRID_KEYS, "the grid")
+    if "stages" in data and "axes" in data:
+        raise ConfigError("a grid has either top-level axes or stages, not both")
+    name = str(data.get("name") or default_name)
+    base = _mapping(data.get("base") or {}, "base")
+    seeds = data.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"seeds must be a non-empty list of integers (or a count), got {seeds!r}")
+    stages = data.get("stages")
+    if stages is None:
+        stages = [{"name": "", "axes": data.get("axes") or {}}]
+    elif not isinstance(stages, list) or not stages:
+        raise ConfigError("stages must be a non-empty list of mappings")
+    top_overrides = _list(data.get("overrides"), "overrides")
+    top_follow = _list(data.get("follow_ups"), "follow_ups")
+
+    cells: list[Cell] = []
+    columns: list[str] = []
+    seen_stages: dict[str, list[Cell]] = {}
+    for i, stage in enumerate(stages):
+        stage = _mapping(stage, f"stages[{i}]")
+        _check_keys(stage, STAGE_KEYS, f"stages[{i}]")
+        sname = str(stage.get("name", "") if len(stages) == 1 else stage.get("name") or "")
+        if len(stages) > 1 and not sname:
+            raise ConfigError(f"stages[{i}] needs a name")
+        if sname in seen_stages:
+            raise ConfigError(f"stage name {sname!r} is used twice")
+        stage_base = merge(copy.deepcopy(base), _nested(stage.get("set") or {}, "set"))
+        axes = _axes(_mapping(stage.get("axes") or {}, "axes"))
+        overrides = top_overrides + _list(stage.get("overrides"), f"stage {sname} overrides")
+        follow = top_follow + _list(stage.get("follow_ups"), f"stage {sname} follow_ups")
+        parent = stage.get("init_from")
+        if parent is not None and parent not in seen_stages:
+            raise ConfigError(
+                f"stage {sname!r}: init_from {parent!r} is not an earlier stage "
+                f"(stages so far: {', '.join(seen_stages) or 'none'})"
+            )
+        stage_cells = _stage_cells(sname, stage_base, axes, seeds, overrides, follow)
+        for col in (c for cell in stage_cells for c in cell.labels):
+            if col not in columns:
+                columns.append(col)
+        if parent is not None:
+            for cell in stage_cells:
+                cell.depends_on = _match(cell, seen_stages[parent], parent).name
+        seen_stages[sname] = stage_cells
+        cells += stage_cells
+    names = [c.name for c in cells]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"two cells of the grid are both named {dup!r}")
+    from qatlab.compare.measures import check_follow_up
+
+    for cell in cells:
+        for follow_up in cell.follow_ups:
+            check_follow_up(follow_up)
+    return Grid(name, str(data.get("description") or ""), data, cells, columns)
+
+
+def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
+    from qatlab import methods
+    from qatlab.train.config import RunConfig
+
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for combo in combos:
+        config = copy.deepcopy(base)
+        for key, value in combo.items():
+            _set(config, key, copy.deepcopy(value))
+        method = (config.get("method") or {}).get("name", "auto")
+        if method not in ("auto", None):
+            spec = methods.get_method(str(method))  # unknown method: one line, before anything
+            if spec.needs_quant is False and config.get("quant") is not None:
+                config["quant"] = None  # float-only methods run once, in float
+            if spec.needs_quant is True and config.get("quant") is None:
+                continue
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        labels = {_column(k, axes): _label(config, k) for k in axes}
+        for seed in seeds:
+            cfg = copy.deepcopy(config)
+            set_dotted(cfg, "train.seed", seed)
+            for rule in overrides:  # after the seed, so a rule may single out one seed
+                if _matches(cfg, rule.get("when") or {}):
+                    for k, value in _nested(rule.get("set") or {}, "override set").items():
+                        _set(cfg, k, copy.deepcopy(value))
+            parts = ([stage] if stage else []) + [_slug(v) for v in labels.values()] + [f"s{seed}"]
+            name = "-".join(parts)
+            check = copy.deepcopy(cfg)
+            check.update(name=name, init_from=None)
+            try:
+                RunConfig.from_dict(check)
+            except ConfigError as exc:
+                raise ConfigError(f"cell {name}: {exc}") from None
+            todo = [f for f in follow if _matches(cfg, f.get("when") or {})]
+            cells.append(Cell(name, stage, seed, labels, cfg, copy.deepcopy(todo)))
+    if not cells:
+        raise ConfigError(f"stage {stage or '(main)'} has no cells (every combination was skipped)")
+    return cells
+
+
+def _match(cell: Cell, candidates: list[Cell], parent: str) -> Cell:
+    found = [
+        c
+        for c in candidates
+        if c.seed == cell.seed
+        and all(c.labels[k] == v for k, v in cell.labels.items() if k in c.labels)
+    ]
+    if len(found) != 1:
+        raise ConfigError(
+            f"cell {cell.name}: init_from {parent!r} matches {len(found)} cells, need exactly one "
+            "(the parent stage's axes must be a subset of this stage's)"
+        )
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _axes(axes: dict[str, Any]) -> dict[str, list]:
+    from qatlab import methods
+
+    out = {}
+    for key, values in axes.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"axis names are dotted config keys, got {key!r}")
+        if values == ALL_METHODS and key == "method.name":
+            values = list(methods.METHODS)  # registration order: float, qat, then the rest
+        if not isinstance(values, list):
+            raise ConfigError(f"axis {key} must be a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"axis {key} is empty: give at least one value")
+        out[key] = values
+    return out
+
+
+def _column(key: str, axes: dict[str, list]) -> str:
+    """Table column of an axis: ``method.name`` -> method, ``quant*`` -> bits, else last part."""
+    if key in ("quant", "quant.weight_bits"):
+        return "bits"
+    if key.endswith(".name"):
+        return key[: -len(".name")]
+    last = key.rsplit(".", 1)[-1]
+    clash = [k for k in axes if k != key and k.rsplit(".", 1)[-1] == last]
+    return key if clash else last
+
+
+def _label(config: dict[str, Any], key: str) -> str:
+    if key.startswith("quant"):
+        return bits_label(config)
+    value = _get(config, key)
+    if isinstance(value, dict):
+        if "name" in value:
+            return str(value["name"])
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def bits_label(config: dict[str, Any]) -> str:
+    """``float`` for a float run, else ``W4A4``-style."""
+    from qatlab.quant import QuantConfig
+    from qatlab.train.config import _quant_dict
+
+    quant = config.get("quant")
+    if quant is None:
+        return "float"
+    return QuantConfig.from_dict(_quant_dict(quant)).describe()
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "._=" else "-" for ch in text.lower())
+    return keep.strip("-") or "x"
+
+
+def _matches(config: dict[str, Any], when: dict[str, Any]) -> bool:
+    for key, want in _mapping(when, "when").items():
+        have = _get(config, key)
+        if isinstance(want, list):
+            if have not in want:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+def _get(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key; a mapping value on a section merges into it (``None`` clears it)."""
+    current = _get(config, key)
+    if isinstance(value, dict) and isinstance(current, dict):
+        value = merge(current, value)
+    if "." not in key:
+        config[key] = value
+    else:
+        set_dotted(config, key, value)
+
+
+def _nested(data: Any, where: str) -> dict[str, Any]:
+    """A ``set`` mapping: nested sections or dotted keys, returned as ``{dotted_key: value}``
+    (for ``_set``) when called from overrides, or merged nested dict for stage ``set``."""
+    data = _mapping(data, where)
+    if where == "set":
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            _set(out, key, value)
+        return out
+    return data
+
+
+def _list(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list, got {value!r}")
+    return [_mapping(v, where) for v in value]
+
+
+def _mapping(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of key: value, got {data!r}")
+    return data
+
+
+def _check_keys(data: dict[str, Any], names: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            tip = f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{key}' in {where}{tip}")
