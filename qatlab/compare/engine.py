@@ -88,8 +88,9 @@ def _train_and_measure(cell: Cell, cells_dir: str) -> dict[str, Any]:
     summary_path = cfg.run_dir / "summary.json"
     if summary_path.is_file():  # trained, but killed during its follow-ups
         summary = json.loads(summary_path.read_text())
-    else:  # fresh, or interrupted mid-training: resume=True continues from ckpt.pt if any
-        summary = run(cfg, resume=True, verbose=False)
+    else:  # fresh, or interrupted mid-training (then it continues from ckpt.pt, if any)
+        started = any((cfg.run_dir / f).is_file() for f in ("ckpt.pt", "config.yaml"))
+        summary = run(cfg, resume=started, verbose=False)
     for key in ("train_eval_loss", "test_loss"):
         value = summary.get(key)
         if value is None or not math.isfinite(value):

@@ -18,7 +18,8 @@ def train_job(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     summary_path = cfg.run_dir / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
-    return run(cfg, resume=(cfg.run_dir / "ckpt.pt").is_file(), verbose=False)
+    started = any((cfg.run_dir / f).is_file() for f in ("ckpt.pt", "config.yaml"))
+    return run(cfg, resume=started, verbose=False)  # a run killed in epoch 1 starts over
 
 
 def _call(job: tuple[str, dict[str, Any]]) -> Any:

@@ -157,15 +157,27 @@ def oscillation(
     oscillation frequency exceeds ``threshold``, share frozen, and the frequency histogram."""
     import torch
 
-    hooks = ctx.checkpoint.get("hooks") or []
-    freqs = [v.reshape(-1) for h in hooks for k, v in h.items() if k.endswith("__freq")]
-    frozen = [v.reshape(-1) for h in hooks for k, v in h.items() if k.endswith("__frozen")]
-    if not freqs:
+    from qatlab.methods import build_hooks
+    from qatlab.methods.oscillation import IterativeFreezing, OscillationTracker
+    from qatlab.train.checkpoint import model_from_checkpoint
+
+    saved = ctx.checkpoint.get("hooks") or []
+    if ctx.cfg.quant is None or not saved:
         return {}
-    f = torch.cat(freqs)
+    model = model_from_checkpoint(ctx.checkpoint, ctx.run_dir / "ckpt.pt")
+    hooks = build_hooks(ctx.cfg.method.name, ctx.cfg.method.options, model, ctx.cfg.quant, 1)
+    trackers = []
+    for hook, state in zip(hooks, saved, strict=False):  # the method's hooks, as they ended
+        if isinstance(hook, OscillationTracker):
+            hook.load_state_dict(state)
+            trackers.append(hook)
+    if not trackers:
+        return {}
+    f = torch.cat([t.frequencies() for t in trackers])
+    freezers = [t for t in trackers if isinstance(t, IterativeFreezing)]
     return {
         "osc_share": float((f > threshold).float().mean()),
-        "frozen_share": float(torch.cat(frozen).float().mean()) if frozen else None,
+        "frozen_share": _avg([t.frozen_share() for t in freezers]) if freezers else None,
         "osc_hist": torch.histc(f, bins=bins, min=0.0, max=hist_max).tolist(),
     }
 
