@@ -254,25 +254,38 @@ def test_cosine_schedule_per_step_and_per_epoch():
 
 def test_step_sizes_get_their_own_lr_and_no_weight_decay(tiny_data):
     model = small_model(tiny_data, quant=True)
-    steps = {id(p) for p in quantizer_parameters(model)}
-    assert steps  # LSQ step sizes are parameters
+    wsteps = {id(p) for p in quantizer_parameters(model, "weight")}
+    asteps = {id(p) for p in quantizer_parameters(model, "input")}
+    assert wsteps and asteps  # LSQ step sizes are parameters
     cfg = TrainConfig(
-        optimizer="sgd", lr=0.01, weight_decay=5e-5, quant_lr=1e-5, quant_optimizer=None
+        optimizer="sgd",
+        lr=0.01,
+        weight_decay=5e-5,
+        quant_lr=1e-5,
+        quant_optimizer=None,
+        act_quant_lr=None,
+        act_quant_optimizer=None,
     )
     opt = make_optimizer(model, cfg)
-    weights, quant = opt.param_groups
-    assert {id(p) for p in quant["params"]} == steps
-    assert quant["lr"] == 1e-5 and quant["weight_decay"] == 0.0
+    weights, wq, aq = opt.param_groups
+    assert {id(p) for p in wq["params"]} == wsteps and {id(p) for p in aq["params"]} == asteps
+    assert wq["lr"] == aq["lr"] == 1e-5 and wq["weight_decay"] == aq["weight_decay"] == 0.0
     assert weights["lr"] == 0.01 and weights["weight_decay"] == 5e-5
-    pair = make_optimizer(model, dataclasses.replace(cfg, quant_optimizer="adam"))  # default
+    pair = make_optimizer(model, dataclasses.replace(cfg, quant_optimizer="adam"))
     assert [type(o).__name__ for o in pair.optimizers] == ["SGD", "Adam"]
-    assert pair.param_groups[1]["lr"] == 1e-5
+    assert [g["lr"] for g in pair.optimizers[1].param_groups] == [1e-5, 1e-5]
+    scratch = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01).validate())
+    assert [type(o).__name__ for o in scratch.optimizers] == ["SGD", "Adam"]  # the default
+    assert [g["lr"] for g in scratch.param_groups] == [0.01, pytest.approx(0.001), 1e-5]
 
 
 def test_step_size_recipe_depends_on_how_the_run_starts(tmp_path):
-    """auto: from scratch the steps train like the weights; from a checkpoint, Adam at 1e-5."""
+    """auto: from scratch the weight steps train with the weights' optimizer at a tenth of their
+    LR and activation steps with Adam at 1e-5; from a checkpoint, all steps Adam at 1e-5."""
     scratch = load_config(None, ["quant.weight_bits=2"])
-    assert (scratch.train.quant_optimizer, scratch.train.quant_lr) == (None, None)
+    assert scratch.train.quant_optimizer is None
+    assert scratch.train.quant_lr == pytest.approx(0.1 * scratch.train.lr)
+    assert (scratch.train.act_quant_optimizer, scratch.train.act_quant_lr) == ("adam", 1e-5)
     assert scratch.quant.weight_init == "meanabs"
     ckpt = tmp_path / "float.pt"
     ckpt.write_bytes(b"x")
@@ -281,7 +294,7 @@ def test_step_size_recipe_depends_on_how_the_run_starts(tmp_path):
     assert tuned.quant.weight_init == "mse"  # fine-tuning: exactly the previous defaults
     explicit = load_config(None, ["train.quant_lr=1e-4", "train.quant_optimizer=sgd"])
     assert (explicit.train.quant_optimizer, explicit.train.quant_lr) == ("sgd", 1e-4)
-    assert TrainConfig().validate().quant_lr is None  # a bare TrainConfig: from scratch
+    assert TrainConfig(lr=0.02).validate().quant_lr == pytest.approx(0.002)  # bare: scratch
     with pytest.raises(ConfigError, match="quant_lr"):
         load_config(None, ["train.quant_lr=fast"])
 

@@ -31,8 +31,20 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # optimizer and LR (Adam at 1e-5 cannot follow weights that grow several-fold: -14 points
 # at W2 on MLP5 / MNIST-1D).
 STEP_RECIPES: dict[str, dict[str, Any]] = {
-    "fine_tune": {"quant_optimizer": "adam", "quant_lr": 1e-5, "weight_init": "mse"},
-    "scratch": {"quant_optimizer": None, "quant_lr": None, "weight_init": "meanabs"},
+    "fine_tune": {
+        "quant_optimizer": "adam",
+        "quant_lr": 1e-5,
+        "act_quant_optimizer": None,  # None: as the weight step sizes
+        "act_quant_lr": None,
+        "weight_init": "mse",
+    },
+    "scratch": {
+        "quant_optimizer": None,  # None: the weights' optimizer
+        "quant_lr": "0.1x",  # a tenth of the weights' LR (see TrainConfig.apply_recipe)
+        "act_quant_optimizer": "adam",
+        "act_quant_lr": 1e-5,
+        "weight_init": "meanabs",
+    },
 }
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -129,11 +141,16 @@ class TrainConfig:
     weight_decay: float = 0.0  # never applied to quantizer step sizes
     # How quantizer step sizes train. "auto" picks a recipe by how the run starts (resolved by
     # RunConfig.validate, see STEP_RECIPES): fine-tuning from a checkpoint (init_from) gets
-    # Nagel et al.'s set-up, Adam at 1e-5 apart from the weights; from scratch the steps train
-    # with the weights' optimizer and LR (None = same as the weights), since the grid must
-    # follow weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
+    # Nagel et al.'s set-up, Adam at 1e-5 apart from the weights; from scratch the weight steps
+    # train with the weights' optimizer at a tenth of their LR, since the grid must follow
+    # weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
     quant_optimizer: str | None = "auto"
     quant_lr: float | str | None = "auto"
+    # activation step sizes (calibrated from data, not growing with the weights): from scratch
+    # they keep Adam at 1e-5; at the weights' LR they collapse some W2A2 and SAQ runs
+    # (docs/results/qat_recipe.md). None = as the weight step sizes.
+    act_quant_optimizer: str | None = "auto"
+    act_quant_lr: float | str | None = "auto"
     schedule: str = "cosine"  # cosine | constant, a function of the step over all steps
     schedule_per: str = "step"  # "step" or "epoch": when the cosine moves
     min_lr: float = 0.0  # as a fraction of the initial LR
@@ -164,24 +181,34 @@ class TrainConfig:
             self.quant_optimizer = recipe["quant_optimizer"]
         if self.quant_lr == "auto":
             self.quant_lr = recipe["quant_lr"]
+            if self.quant_lr == "0.1x":  # Adam moves a step by ~its LR per update whatever its
+                # size: at the weights' LR small steps can be driven to 0 in a few dozen
+                # updates (dead W2A2 and SAQ runs), at 1e-5 they cannot follow growing weights
+                self.quant_lr = 0.1 * self.lr
+        if self.act_quant_optimizer == "auto":
+            self.act_quant_optimizer = recipe["act_quant_optimizer"]
+        if self.act_quant_lr == "auto":
+            self.act_quant_lr = recipe["act_quant_lr"]
         return self
 
     def validate(self) -> TrainConfig:
         self.apply_recipe(fine_tune=False)
-        if isinstance(self.quant_lr, str):
-            raise ConfigError(
-                f"train.quant_lr must be a number, null or 'auto', got {self.quant_lr!r}"
-            )
+        for name in ("quant_lr", "act_quant_lr"):
+            if isinstance(getattr(self, name), str):
+                raise ConfigError(
+                    f"train.{name} must be a number, null or 'auto', got {getattr(self, name)!r}"
+                )
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        if self.quant_optimizer is not None:
-            choice("train.quant_optimizer", self.quant_optimizer, OPTIMIZERS)
+        for name in ("quant_optimizer", "act_quant_optimizer"):
+            if getattr(self, name) is not None:
+                choice(f"train.{name}", getattr(self, name), OPTIMIZERS)
         choice("train.schedule", self.schedule, SCHEDULES)
         choice("train.schedule_per", self.schedule_per, ("step", "epoch"))
         choice("train.early_stop_mode", self.early_stop_mode, ("auto", "max", "min"))
         choice("train.device", self.device, DEVICES)
         for name in ("epochs", "batch_size", "eval_batch_size", "bn_batches"):
             positive(f"train.{name}", getattr(self, name))
-        for name in ("lr", "quant_lr"):
+        for name in ("lr", "quant_lr", "act_quant_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {value}")

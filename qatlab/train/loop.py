@@ -61,14 +61,14 @@ RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
 
 # ----------------------------------------------------------------------------- optimizer
 class OptimizerPair:
-    """Two optimizers stepped as one (e.g. SGD for weights, Adam for step sizes, as Nagel).
+    """Several optimizers stepped as one (e.g. SGD for weights, Adam for step sizes, as Nagel).
 
-    Exposes what the loop and optimizer wrappers use: ``param_groups`` (both), ``zero_grad``,
+    Exposes what the loop and optimizer wrappers use: ``param_groups`` (all), ``zero_grad``,
     ``step(closure)`` (closure runs once), ``state_dict``/``load_state_dict``.
     """
 
-    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer) -> None:
-        self.optimizers = (first, second)
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
 
     @property
     def param_groups(self) -> list[dict]:
@@ -76,7 +76,7 @@ class OptimizerPair:
 
     @property
     def state(self) -> dict:
-        return {**self.optimizers[0].state, **self.optimizers[1].state}
+        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
@@ -99,26 +99,47 @@ class OptimizerPair:
             opt.load_state_dict(sub)
 
 
-def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Learned quantizer parameters (LSQ step sizes and offsets) of ``model``."""
-    return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()]
+def quantizer_parameters(model: nn.Module, role: str | None = None) -> list[nn.Parameter]:
+    """Learned quantizer parameters (LSQ step sizes and offsets) of ``model``; ``role``
+    ``"weight"`` or ``"input"`` keeps those of weight or activation quantizers only."""
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, Quantizer) and (role is None or m.role == role)
+        for p in m.parameters()
+    ]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig):
-    """The optimizer of ``cfg``: weights in one group, quantizer step sizes in another
-    (``cfg.quant_lr``, no weight decay, and ``cfg.quant_optimizer`` if it differs)."""
-    quant_ids = {id(p) for p in quantizer_parameters(model)}
+    """The optimizer of ``cfg``: weights in one group; weight step sizes in another
+    (``cfg.quant_optimizer`` at ``cfg.quant_lr``, no weight decay) and activation step sizes in
+    a third (``cfg.act_quant_*``, None = as the weight steps). Groups whose optimizer differs
+    from the weights' get their own optimizer, stepped together (:class:`OptimizerPair`)."""
+    wsteps = {id(p) for p in quantizer_parameters(model, "weight")}
+    asteps = {id(p) for p in quantizer_parameters(model)} - wsteps
     params = [p for p in model.parameters() if p.requires_grad]
-    weights = [p for p in params if id(p) not in quant_ids]
-    steps = [p for p in params if id(p) in quant_ids]
     quant_lr = cfg.quant_lr if cfg.quant_lr is not None else cfg.lr
-    main = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    side = [{"params": steps, "lr": quant_lr, "weight_decay": 0.0}] if steps else []
-    if cfg.quant_optimizer in (None, cfg.optimizer) or not side:
-        return _optimizer(cfg.optimizer, main + side, cfg)
-    return OptimizerPair(
-        _optimizer(cfg.optimizer, main, cfg), _optimizer(cfg.quant_optimizer, side, cfg)
-    )
+    quant_opt = cfg.quant_optimizer or cfg.optimizer
+    act_lr = cfg.act_quant_lr if cfg.act_quant_lr is not None else quant_lr
+    act_opt = cfg.act_quant_optimizer or quant_opt
+    groups = [
+        (
+            cfg.optimizer,
+            [p for p in params if id(p) not in wsteps | asteps],
+            cfg.lr,
+            cfg.weight_decay,
+        ),
+        (quant_opt, [p for p in params if id(p) in wsteps], quant_lr, 0.0),
+        (act_opt, [p for p in params if id(p) in asteps], act_lr, 0.0),
+    ]
+    by_optimizer: dict[str, list[dict]] = {}
+    for name, members, lr, decay in groups:
+        if members or name == cfg.optimizer:
+            by_optimizer.setdefault(name, []).append(
+                {"params": members, "lr": lr, "weight_decay": decay}
+            )
+    optimizers = [_optimizer(name, g, cfg) for name, g in by_optimizer.items()]
+    return optimizers[0] if len(optimizers) == 1 else OptimizerPair(*optimizers)
 
 
 def _optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
