@@ -44,8 +44,15 @@ BASELINE = "qat"
 # options that delay a method's work by a fraction of training (or a number of steps)
 WARMUP_OPTIONS = ("start", "warmup", "start_fraction", "warmup_fraction", "warmup_steps")
 QUANT = qatlab.QuantConfig(weight_bits=4, act_bits=4)
-TRAIN = TrainConfig(
-    optimizer="sgd", lr=0.01, momentum=0.9, quant_optimizer=None, quant_lr=None, progress=False
+TRAIN = TrainConfig(  # SGD on every parameter, step sizes included (as step_overhead.py)
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    quant_optimizer=None,
+    quant_lr=None,
+    act_quant_optimizer=None,
+    act_quant_lr=None,
+    progress=False,
 )
 
 
