@@ -218,6 +218,28 @@ def test_a_diverged_run_is_one_line_and_exit_3(tmp_path, small_data, capsys, mon
     assert lines == ["qatlab: error: training diverged at epoch 1 (loss nan); lower --lr"]
 
 
+@pytest.mark.parametrize(
+    "optimizer, lr, what",
+    [("sgd", "1e3", "not finite"), ("adam", "30", "the first step's")],
+)
+def test_a_real_diverging_run_stops_with_exit_3_and_saves_nothing_non_finite(
+    tmp_path, small_data, capsys, optimizer, lr, what
+):
+    """SGD at lr 1e3 gives NaN losses, Adam at lr 30 an exploding one: both stop with one
+    line, exit 3, and no checkpoint of that epoch (so no non-finite best.pt)."""
+    args = train_args(tmp_path, "d", small_data, "--epochs", "3", "--lr", lr)
+    args += ["--set", f"train.optimizer={optimizer}", "--set", "train.divergence_factor=20"]
+    assert main(args) == 3
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("qatlab: error: training diverged")
+    assert what in lines[0]
+    for name in ("best.pt", "ckpt.pt"):
+        path = tmp_path / "d" / name
+        if path.exists():
+            state = torch.load(path, weights_only=True)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
 # ----------------------------------------------------------------------------- 5: the API
 def _net() -> nn.Module:
     torch.manual_seed(0)
