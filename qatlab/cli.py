@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="every registered method on MNIST-1D at W4A4/W3A3/W2A2, 2 seeds (a few minutes)",
-        description="Run the 'demo' comparison preset (MNIST-1D, mlp5, every registered method "
+        description="Run the 'demo' comparison preset (MNIST-1D, cnn1d, every registered method "
         "at its defaults, 2 seeds) and print its table and the path of report.html.",
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")

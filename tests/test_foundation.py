@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Killer
 from torch import nn
 
 import qatlab
@@ -52,14 +53,6 @@ def test_each_subpackage_imports_alone_and_methods_measure_never_load_the_traine
 
 
 # ----------------------------------------------------------------------------- registry
-class Killer(Hook):
-    def __init__(self, at: int | None) -> None:
-        self.at = at
-
-    def after_step(self, model, step, total_steps):
-        if self.at is not None and step + 1 == self.at:
-            raise KeyboardInterrupt
-        return None
 
 
 def _tensors_equal(a, b, where="") -> None:

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import Killer
 from torch import nn
 
 import qatlab
-from qatlab.methods import Hook, build_hooks, check_options
+from qatlab.methods import build_hooks, check_options
 from qatlab.methods.talr import GLOBAL, TALR, TALRHook, target_rate
 from qatlab.quant.layers import quant_layers
 
@@ -193,17 +194,6 @@ def test_registry_options_and_cli_lambda_alias():
     argv = ["train", "--method", "talr", "--lambda", "2e-3", "--wbits", "2", "--abits", "2"]
     cfg = config_from_args(build_parser().parse_args(argv))
     assert cfg.method.name == "talr" and cfg.method.options["lam"] == 2e-3
-
-
-class Killer(Hook):
-    """Interrupts training (like Ctrl-C) when ``at`` steps are done."""
-
-    def __init__(self, at: int | None) -> None:
-        self.at = at
-
-    def after_step(self, model, step, total_steps):
-        if self.at is not None and step + 1 == self.at:
-            raise KeyboardInterrupt
 
 
 def test_resume_in_the_trainer_is_exact(tiny_data_config, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import Killer
 
 import qatlab
 from qatlab.errors import ConfigError
@@ -87,18 +88,6 @@ class Counter(Hook):
 
     def load_state_dict(self, state):
         self.count = state["count"]
-
-
-class Killer(Hook):
-    """Interrupts training (like Ctrl-C) when ``at`` steps are done."""
-
-    def __init__(self, at: int | None) -> None:
-        self.at = at
-
-    def after_step(self, model, step, total_steps):
-        if self.at is not None and step + 1 == self.at:
-            raise KeyboardInterrupt
-        return None
 
 
 def test_kill_and_resume_ends_with_identical_weights(tiny_data, tmp_path):
