@@ -390,8 +390,7 @@ def _train_epoch(
     steps_per_epoch = total_steps // cfg.epochs
     net.train()
     sums = torch.zeros(3, dtype=torch.float64, device=dev.device)  # loss, correct, n
-    changed: dict[str, int] = {}
-    sizes: dict[str, int] = {}
+    changed: dict[str, torch.Tensor] = {}  # per layer, summed over the epoch (no host sync)
     show_bar = cfg.progress and dev.is_main and sys.stderr.isatty()
     bar = _bar(show_bar, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
     try:
@@ -408,9 +407,9 @@ def _train_epoch(
             logged = out.metrics
             if counter is not None:
                 moves = counter.update(model, state.step)
-                for name, (n_changed, _, _, size) in moves.counts().items():
-                    changed[name] = changed.get(name, 0) + n_changed
-                    sizes[name] = size
+                for name, d in moves.direction.items():
+                    moved = torch.count_nonzero(d)
+                    changed[name] = changed[name] + moved if name in changed else moved
             if state.first_loss is None:
                 state.first_loss = float(out.loss)
             state.step += 1
@@ -439,9 +438,10 @@ def _train_epoch(
         "train_acc": float(sums[1] / sums[2]),
     }
     if changed:
-        total = max(sum(sizes.values()), 1) * steps_per_epoch
-        record["tr"] = sum(changed.values()) / total
-        record.update({f"tr/{n}": c / (sizes[n] * steps_per_epoch) for n, c in changed.items()})
+        sizes = {n: counter.previous(n).numel() for n in changed}
+        counts = {n: int(c) for n, c in changed.items()}
+        record["tr"] = sum(counts.values()) / (max(sum(sizes.values()), 1) * steps_per_epoch)
+        record.update({f"tr/{n}": c / (sizes[n] * steps_per_epoch) for n, c in counts.items()})
     return record
 
 
