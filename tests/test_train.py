@@ -19,8 +19,9 @@ from qatlab.errors import ConfigError
 from qatlab.methods import build_hooks, check_options, register_method
 from qatlab.train import Hook, RunConfig, TrainConfig, fit, load_config
 from qatlab.train.checkpoint import load_checkpoint
-from qatlab.train.loop import lr_factor, make_optimizer, quantizer_parameters
+from qatlab.train.loop import lr_factor
 from qatlab.train.metrics import read_jsonl
+from qatlab.train.optim import LogAdam, make_optimizer, quantizer_parameters
 from qatlab.train.runner import build, run
 
 
@@ -264,16 +265,17 @@ def test_step_sizes_get_their_own_lr_and_no_weight_decay(tiny_data):
     assert [type(o).__name__ for o in pair.optimizers] == ["SGD", "Adam"]
     assert [g["lr"] for g in pair.optimizers[1].param_groups] == [1e-5, 1e-5]
     scratch = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01).validate())
-    assert [type(o).__name__ for o in scratch.optimizers] == ["SGD", "Adam"]  # the default
-    assert [g["lr"] for g in scratch.param_groups] == [0.01, pytest.approx(0.001), 1e-5]
+    assert [type(o).__name__ for o in scratch.optimizers] == ["SGD", "LogAdam", "Adam"]
+    assert [g["lr"] for g in scratch.param_groups] == [0.01, pytest.approx(0.05), 1e-5]
+    assert {id(p) for p in scratch.optimizers[1].param_groups[0]["params"]} == wsteps
 
 
 def test_step_size_recipe_depends_on_how_the_run_starts(tmp_path):
-    """auto: from scratch the weight steps train with the weights' optimizer at a tenth of their
-    LR and activation steps with Adam at 1e-5; from a checkpoint, all steps Adam at 1e-5."""
+    """auto: from scratch the weight steps train with LogAdam at 5x the weights' LR and
+    activation steps with Adam at 1e-5; from a checkpoint, all steps Adam at 1e-5."""
     scratch = load_config(None, ["quant.weight_bits=2"])
-    assert scratch.train.quant_optimizer is None
-    assert scratch.train.quant_lr == pytest.approx(0.1 * scratch.train.lr)
+    assert (scratch.train.quant_optimizer, scratch.train.quant_lr) == ("logadam", "5x")
+    assert scratch.train.resolve_lr(scratch.train.quant_lr) == pytest.approx(5 * scratch.train.lr)
     assert (scratch.train.act_quant_optimizer, scratch.train.act_quant_lr) == ("adam", 1e-5)
     assert scratch.quant.weight_init == "meanabs"
     ckpt = tmp_path / "float.pt"
@@ -283,9 +285,16 @@ def test_step_size_recipe_depends_on_how_the_run_starts(tmp_path):
     assert tuned.quant.weight_init == "mse"  # fine-tuning: exactly the previous defaults
     explicit = load_config(None, ["train.quant_lr=1e-4", "train.quant_optimizer=sgd"])
     assert (explicit.train.quant_optimizer, explicit.train.quant_lr) == ("sgd", 1e-4)
-    assert TrainConfig(lr=0.02).validate().quant_lr == pytest.approx(0.002)  # bare: scratch
-    with pytest.raises(ConfigError, match="quant_lr"):
-        load_config(None, ["train.quant_lr=fast"])
+    bare = TrainConfig(lr=0.02).validate()  # a bare TrainConfig: the from-scratch recipe
+    assert bare.resolve_lr(bare.quant_lr) == pytest.approx(0.1)
+    assert bare.quant_optimizer == "logadam"
+    tenth = load_config(None, ["train.quant_lr=0.1x", "train.lr=0.02"]).train
+    assert tenth.resolve_lr(tenth.quant_lr) == pytest.approx(0.002)
+    for bad in ("train.quant_lr=fast", "train.quant_lr=-1x", "train.act_quant_lr=x"):
+        with pytest.raises(ConfigError, match="quant_lr"):
+            load_config(None, [bad])
+    with pytest.raises(ConfigError, match="logadam"):
+        load_config(None, ["train.quant_optimizer=lion"])
 
 
 # ----------------------------------------------------------------------------- config
@@ -520,3 +529,48 @@ def test_readme_example_runs_and_learns():
     with torch.no_grad():
         acc = (qmodel(x).argmax(1) == y).float().mean().item()
     assert acc > 0.85  # a linearly separable toy: chance is 0.5
+
+
+# ----------------------------------------------------------------------------- LogAdam
+def test_logadam_is_adam_on_log_of_the_parameter():
+    """LogAdam's trajectory equals torch's Adam run on u = log p with gradient p * dL/dp."""
+    torch.manual_seed(0)
+    target = torch.rand(5) + 0.5
+    p = torch.nn.Parameter(torch.rand(5) * 0.1 + 0.01)
+    start = p.detach().clone()
+    u = torch.nn.Parameter(start.log())
+    log_adam, adam = LogAdam([p], lr=0.05), torch.optim.Adam([u], lr=0.05)
+    for _ in range(40):
+        for opt in (log_adam, adam):
+            opt.zero_grad()
+        ((p - target) ** 2).sum().backward()
+        ((u.exp() - target) ** 2).sum().backward()
+        log_adam.step()
+        adam.step()
+    torch.testing.assert_close(p.detach(), u.detach().exp(), rtol=1e-5, atol=0)
+    assert (p > 2 * start).all()  # grew several-fold, each move at most ~5% relative
+
+
+def test_logadam_moves_are_relative_and_linear_groups_are_adam():
+    """Every update changes a step by at most ~lr relative to its size, large or tiny (plain
+    Adam's absolute moves zero a 1e-3 step in a few updates); ``log=False`` is plain Adam."""
+    steps = torch.nn.Parameter(torch.tensor([1e-3, 1.0]))
+    offset = torch.nn.Parameter(torch.tensor([0.3, -0.2]))
+    twin = torch.nn.Parameter(offset.detach().clone())
+    opt = LogAdam([{"params": [steps]}, {"params": [offset], "log": False}], lr=0.01)
+    adam = torch.optim.Adam([twin], lr=0.01)
+    for _ in range(20):
+        before = steps.detach().clone()
+        opt.zero_grad()
+        adam.zero_grad()
+        (steps.sum() + (offset**2).sum()).backward()  # always pushes the steps down
+        (twin**2).sum().backward()
+        opt.step()
+        adam.step()
+        ratio = steps.detach() / before
+        assert torch.all(ratio < 1) and torch.all(ratio > math.exp(-0.0101))
+    torch.testing.assert_close(offset.detach(), twin.detach())
+    state = opt.state_dict()
+    clone = LogAdam([{"params": [steps]}, {"params": [offset], "log": False}], lr=0.01)
+    clone.load_state_dict(state)
+    assert clone.state[steps]["step"] == 20

@@ -26,10 +26,13 @@ from qatlab.errors import ConfigError
 from qatlab.quant.config import QuantConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# step sizes may also train with "logadam" (Adam on log s: relative, scale-free updates)
+QUANT_OPTIMIZERS = (*OPTIMIZERS, "logadam")
 # What train.quant_optimizer / train.quant_lr = "auto" become (docs/results/qat_recipe.md):
-# from a float checkpoint, Nagel et al.'s fine-tuning set-up; from scratch, the weights' own
-# optimizer and LR (Adam at 1e-5 cannot follow weights that grow several-fold: -14 points
-# at W2 on MLP5 / MNIST-1D).
+# from a float checkpoint, Nagel et al.'s fine-tuning set-up; from scratch, the weight steps
+# train with Adam on log s at 5x the weights' LR (plain Adam at 1e-5 cannot follow weights that
+# grow several-fold: -14 points at W2 on MLP5 / MNIST-1D; plain Adam at the weights' LR drives
+# small steps to zero and kills W2A2 / SAQ runs; LogAdam's relative moves do neither).
 STEP_RECIPES: dict[str, dict[str, Any]] = {
     "fine_tune": {
         "quant_optimizer": "adam",
@@ -39,8 +42,8 @@ STEP_RECIPES: dict[str, dict[str, Any]] = {
         "weight_init": "mse",
     },
     "scratch": {
-        "quant_optimizer": None,  # None: the weights' optimizer
-        "quant_lr": "0.1x",  # a tenth of the weights' LR (see TrainConfig.apply_recipe)
+        "quant_optimizer": "logadam",
+        "quant_lr": "5x",  # "<k>x": k times the weights' LR (TrainConfig.resolve_lr)
         "act_quant_optimizer": "adam",
         "act_quant_lr": 1e-5,
         "weight_init": "meanabs",
@@ -142,8 +145,10 @@ class TrainConfig:
     # How quantizer step sizes train. "auto" picks a recipe by how the run starts (resolved by
     # RunConfig.validate, see STEP_RECIPES): fine-tuning from a checkpoint (init_from) gets
     # Nagel et al.'s set-up, Adam at 1e-5 apart from the weights; from scratch the weight steps
-    # train with the weights' optimizer at a tenth of their LR, since the grid must follow
-    # weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
+    # train with "logadam" (Adam on log s, relative moves) at 5x the weights' LR, since the grid
+    # must follow weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
+    # quant_optimizer: adam | adamw | sgd | logadam | null (= the weights' optimizer);
+    # quant_lr: a number, "<k>x" (k times lr) or null (= lr).
     quant_optimizer: str | None = "auto"
     quant_lr: float | str | None = "auto"
     # activation step sizes (calibrated from data, not growing with the weights): from scratch
@@ -181,10 +186,6 @@ class TrainConfig:
             self.quant_optimizer = recipe["quant_optimizer"]
         if self.quant_lr == "auto":
             self.quant_lr = recipe["quant_lr"]
-            if self.quant_lr == "0.1x":  # Adam moves a step by ~its LR per update whatever its
-                # size: at the weights' LR small steps can be driven to 0 in a few dozen
-                # updates (dead W2A2 and SAQ runs), at 1e-5 they cannot follow growing weights
-                self.quant_lr = 0.1 * self.lr
         if self.act_quant_optimizer == "auto":
             self.act_quant_optimizer = recipe["act_quant_optimizer"]
         if self.act_quant_lr == "auto":
@@ -194,14 +195,16 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         self.apply_recipe(fine_tune=False)
         for name in ("quant_lr", "act_quant_lr"):
-            if isinstance(getattr(self, name), str):
+            value = getattr(self, name)
+            if isinstance(value, str) and _lr_multiple(value) is None:
                 raise ConfigError(
-                    f"train.{name} must be a number, null or 'auto', got {getattr(self, name)!r}"
+                    f"train.{name} must be a number, '<k>x' (k times train.lr), null or 'auto', "
+                    f"got {value!r}"
                 )
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
         for name in ("quant_optimizer", "act_quant_optimizer"):
             if getattr(self, name) is not None:
-                choice(f"train.{name}", getattr(self, name), OPTIMIZERS)
+                choice(f"train.{name}", getattr(self, name), QUANT_OPTIMIZERS)
         choice("train.schedule", self.schedule, SCHEDULES)
         choice("train.schedule_per", self.schedule_per, ("step", "epoch"))
         choice("train.early_stop_mode", self.early_stop_mode, ("auto", "max", "min"))
@@ -209,7 +212,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "bn_batches"):
             positive(f"train.{name}", getattr(self, name))
         for name in ("lr", "quant_lr", "act_quant_lr"):
-            value = getattr(self, name)
+            value = self.resolve_lr(getattr(self, name))
             if value is not None and not value > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {value}")
         for name in (
@@ -226,12 +229,29 @@ class TrainConfig:
             positive("train.patience", self.patience)
         return self
 
+    def resolve_lr(self, value: float | str | None) -> float | None:
+        """A step-size LR as a number: ``"<k>x"`` is ``k * lr``; None (= the weights') stays."""
+        if isinstance(value, str):
+            multiple = _lr_multiple(value)
+            if multiple is None:
+                raise ConfigError(f"not a learning rate: {value!r}")
+            return multiple * self.lr
+        return value
+
     @property
     def mode(self) -> str:
         """``max`` or ``min``: the direction in which ``early_stop_metric`` improves."""
         if self.early_stop_mode != "auto":
             return self.early_stop_mode
         return "min" if self.early_stop_metric.endswith("loss") else "max"
+
+
+def _lr_multiple(text: str) -> float | None:
+    """``k`` of a ``"<k>x"`` LR (``"0.1x"`` -> 0.1), or None if ``text`` is not of that form."""
+    try:
+        return float(text[:-1]) if text.endswith("x") else None
+    except ValueError:
+        return None
 
 
 @dataclass

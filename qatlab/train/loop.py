@@ -28,7 +28,7 @@ from torch import nn
 from qatlab.errors import CheckpointError, ConfigError, TrainingDiverged
 from qatlab.measure.accuracy import evaluate
 from qatlab.methods.base import Hook
-from qatlab.quant import Quantizer, TransitionCounter, is_quantized, reestimate_bn
+from qatlab.quant import TransitionCounter, is_quantized, reestimate_bn
 from qatlab.train import distributed
 from qatlab.train.checkpoint import (
     load_checkpoint,
@@ -40,6 +40,7 @@ from qatlab.train.checkpoint import (
 )
 from qatlab.train.config import TrainConfig
 from qatlab.train.metrics import MetricsLog, read_jsonl, write_json
+from qatlab.train.optim import make_optimizer
 from qatlab.train.rundir import claim_run_dir
 
 if TYPE_CHECKING:
@@ -59,101 +60,7 @@ RESUMABLE = (
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
 
 
-# ----------------------------------------------------------------------------- optimizer
-class OptimizerPair:
-    """Several optimizers stepped as one (e.g. SGD for weights, Adam for step sizes, as Nagel).
-
-    Exposes what the loop and optimizer wrappers use: ``param_groups`` (all), ``zero_grad``,
-    ``step(closure)`` (closure runs once), ``state_dict``/``load_state_dict``.
-    """
-
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in self.optimizers:
-            opt.step()
-        return loss
-
-    def state_dict(self) -> dict:
-        return {"pair": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for opt, sub in zip(self.optimizers, state["pair"], strict=True):
-            opt.load_state_dict(sub)
-
-
-def quantizer_parameters(model: nn.Module, role: str | None = None) -> list[nn.Parameter]:
-    """Learned quantizer parameters (LSQ step sizes and offsets) of ``model``; ``role``
-    ``"weight"`` or ``"input"`` keeps those of weight or activation quantizers only."""
-    return [
-        p
-        for m in model.modules()
-        if isinstance(m, Quantizer) and (role is None or m.role == role)
-        for p in m.parameters()
-    ]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig):
-    """The optimizer of ``cfg``: weights in one group; weight step sizes in another
-    (``cfg.quant_optimizer`` at ``cfg.quant_lr``, no weight decay) and activation step sizes in
-    a third (``cfg.act_quant_*``, None = as the weight steps). Groups whose optimizer differs
-    from the weights' get their own optimizer, stepped together (:class:`OptimizerPair`)."""
-    wsteps = {id(p) for p in quantizer_parameters(model, "weight")}
-    asteps = {id(p) for p in quantizer_parameters(model)} - wsteps
-    params = [p for p in model.parameters() if p.requires_grad]
-    quant_lr = cfg.quant_lr if cfg.quant_lr is not None else cfg.lr
-    quant_opt = cfg.quant_optimizer or cfg.optimizer
-    act_lr = cfg.act_quant_lr if cfg.act_quant_lr is not None else quant_lr
-    act_opt = cfg.act_quant_optimizer or quant_opt
-    groups = [
-        (
-            cfg.optimizer,
-            [p for p in params if id(p) not in wsteps | asteps],
-            cfg.lr,
-            cfg.weight_decay,
-        ),
-        (quant_opt, [p for p in params if id(p) in wsteps], quant_lr, 0.0),
-        (act_opt, [p for p in params if id(p) in asteps], act_lr, 0.0),
-    ]
-    by_optimizer: dict[str, list[dict]] = {}
-    for name, members, lr, decay in groups:
-        if members or name == cfg.optimizer:
-            by_optimizer.setdefault(name, []).append(
-                {"params": members, "lr": lr, "weight_decay": decay}
-            )
-    optimizers = [_optimizer(name, g, cfg) for name, g in by_optimizer.items()]
-    return optimizers[0] if len(optimizers) == 1 else OptimizerPair(*optimizers)
-
-
-def _optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ConfigError("the model has no trainable parameters")
-    if name == "sgd":
-        if cfg.nesterov and cfg.momentum <= 0:
-            raise ConfigError("train.nesterov needs train.momentum > 0")
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr)
-
-
+# ----------------------------------------------------------------------------- schedule
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """Multiplier of the initial LR at global ``step``: cosine from 1 to ``min_lr`` or constant."""
     if cfg.schedule == "constant":
