@@ -14,8 +14,8 @@ Adam lr 1e-3 cosine, batch 128, final-epoch test accuracy. Arms:
 * ``LSQ, previous defaults``: Nagel's fine-tuning recipe used from scratch (steps with their
   own Adam at 1e-5, MSE-search init), what qatlab did before.
 
-Run: ``python benchmarks/qat_recipe.py [--seeds 5] [--jobs 2] [--out docs/results]`` (runs are reused
-from ``--runs``). Writes ``qat_recipe.md`` (table part) and ``qat_recipe.json``.
+Run: ``python benchmarks/qat_recipe.py [--seeds 5] [--jobs 2] [--out docs/results]`` (runs
+are reused from ``--runs``). Writes ``qat_recipe.md`` (table part) and ``qat_recipe.json``.
 """
 
 from __future__ import annotations
