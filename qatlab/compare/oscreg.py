@@ -334,7 +334,7 @@ def _markdown(tables, lam_table, verdict, seeds, epochs, wall, quick, train_s, p
     lines = [
         "# Oscillation regularization + PTQ on MNIST-1D (Wenshøj et al., TMLR 2025)",
         "",
-        "Regenerate: `python -m qatlab.compare oscreg --jobs 1` "
+        f"Regenerate: `python -m qatlab.compare oscreg --jobs {processes}` "
         f"({'--quick, ' if quick else ''}seeds 0..{seeds - 1}; training time summed over all "
         f"runs {train_s / 60:.1f} min; this invocation {wall / 60:.1f} min wall with "
         f"{processes} worker process(es) of 1 thread on a shared 2-core machine, reusing "
@@ -353,8 +353,9 @@ def _markdown(tables, lam_table, verdict, seeds, epochs, wall, quick, train_s, p
         "qatlab); 'constant step' holds `s` fixed (gradient `2(q-w)/numel` only). 'uniform "
         "agg.' weights each layer's mean by its size, so every weight is pulled equally "
         "(with `mean`, a 128×128 layer's weights are pulled ~13× less than the 128×10 "
-        "head's). QAT LSQ uses qatlab's from-scratch recipe (steps trained with the weights' "
-        "optimizer and LR, mean-abs init, see qat_recipe.md); QAT max-abs STE is the paper's "
+        "head's). QAT LSQ uses qatlab's from-scratch recipe (weight steps on LogAdam, Adam on "
+        "log s, at 5x the weights' LR, mean-abs init, see qat_recipe.md); QAT max-abs STE is "
+        "the paper's "
         "baseline quantizer (`weight_scale=maxabs_ste`). 'as trained' = a QAT model with its "
         "own quantizer; the PTQ columns quantize its latent float weights. Test accuracy in "
         "%, mean ± std over seeds.",
