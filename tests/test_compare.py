@@ -15,7 +15,7 @@ import pytest
 
 from qatlab.cli import main
 from qatlab.compare import markdown_table, mean_std
-from qatlab.compare.oscreg import _claims
+from qatlab.compare.oscreg_section import claims
 from qatlab.compare.spec import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,33 @@ def test_stages_run_dependencies_first(tmp_path, tiny_data_config):
     assert "acc_bn" in row and "## Oscillations" in (out / "report.md").read_text()
 
 
+def test_oscreg_preset_states_the_claims_from_its_own_rows(tmp_path, tiny_data_config):
+    """The oscreg preset (shrunk: 1 seed, 2 epochs, tiny data) runs every arm, and its report
+    section's numbers are the stored cross-bit columns (claim 2: LSQ as trained minus the
+    regularized model's 2-bit PTQ accuracy, final epoch)."""
+    out = tmp_path / "osc"
+    sets = [
+        "seeds=[0]",
+        "base.train.epochs=2",
+        f"base.data={json.dumps(tiny_data_config)}",
+        "base.model.width=16",
+        "stages.4.axes={method.lam: [100.0]}",
+        *(f"stages.{i}.set.method.stats_every=4" for i in (1, 2, 4)),
+    ]
+    args = ["compare", "oscreg", "--out", str(out), "--workers", "2"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## The paper's claims here" in text and "## Lambda sweep" in text
+    assert (out / "oscreg_crossbit.png").is_file() and (out / "oscreg_stats.png").is_file()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by = {r["cell"]: r for r in rows}
+    assert len(rows) == 19 and all("xbf_float" in r for r in rows)
+    gap = by["qat-w2a-lsq-s0"]["xbf_trained"] - by["reg-2-1.0-s0"]["xbf_2"]
+    final = text[text.index("**final models**") :]
+    assert f"QAT as trained minus oscreg + PTQ at 2 bits: LSQ {gap * 100:+.1f}" in final
+    assert "bin_pos/" in text  # the per-layer statistics table
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "extra, message",
@@ -154,6 +181,7 @@ def test_stages_run_dependencies_first(tmp_path, tiny_data_config):
         ({"axes": {"method.name": ["qat", "dampn"]}}, "unknown method 'dampn'"),
         ({"axis": {}}, "unknown key 'axis' in the grid (did you mean 'axes'?)"),
         ({"follow_ups": [{"measure": "ptqq"}]}, "unknown follow-up measure 'ptqq'"),
+        ({"sections": ["oscregg"]}, "unknown report section 'oscregg'"),
     ],
 )
 def test_bad_grid_is_one_line_before_anything_runs(tmp_path, capsys, extra, message):
@@ -243,9 +271,9 @@ def test_oscreg_claims_read_the_table():
     table = [row("qat", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.8) for t in (2, 3, 4)]
     table += [row("qatste", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.95) for t in (2, 3, 4)]
     table += [row("reg", str(t), 0.5, 0.85, 0.9, 0.9, 0.9) for t in (2, 3, 4)]
-    claims = "\n".join(_claims({"final": table}))
+    text = "\n".join(b[1] for b in claims({"final": table}))
     # 3- and 4-bit: +5/+10 points vs LSQ (0.8), -10/-5 vs max-abs STE (0.95)
-    assert "3-bit vs LSQ +5.0; 3-bit vs max-abs STE -10.0" in claims
-    assert "Within 1 point or better in 2/4" in claims
-    assert "QAT ahead in 2/2" in claims
-    assert "Regularized ahead in 4/4" in claims
+    assert "3-bit vs LSQ +5.0; 3-bit vs max-abs STE -10.0" in text
+    assert "Within 1 point or better in 2/4" in text
+    assert "QAT ahead in 2/2" in text
+    assert "Regularized ahead in 4/4" in text

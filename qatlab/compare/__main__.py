@@ -1,7 +1,7 @@
-"""``python -m qatlab.compare STUDY``: the studies that are still modules of their own (oscreg,
-saq, talr: each needs analyses that the grid report does not have yet); any other name is
-``qatlab compare NAME ...`` (a grid file or a preset such as ``oscillations``, ``demo``,
-``full``)."""
+"""``python -m qatlab.compare STUDY``: the studies that are still modules of their own (saq,
+talr: each needs analyses that the grid report does not have yet); any other name is
+``qatlab compare NAME ...`` (a grid file or a preset such as ``oscreg``, ``oscillations``,
+``demo``, ``full``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-STUDIES = ("oscreg", "saq", "talr")
+STUDIES = ("saq", "talr")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,14 +121,25 @@ def ptq(
 
 
 @register_measure("crossbit")
-def crossbit(ctx: CellContext, bits: list = (2, 3, 4, 8)) -> dict[str, Any]:
+def crossbit(ctx: CellContext, bits: list = (2, 3, 4, 8), final: bool = False) -> dict[str, Any]:
     """Wenshøj et al.'s cross-bit row (:func:`qatlab.measure.cross_bit`): weights-only max-abs
-    PTQ on the restricted grid at each width, float, and a QAT model as trained."""
+    PTQ on the restricted grid at each width, float, and a QAT model as trained (``xb_*``).
+    ``final``: also of the last epoch's model (``ckpt.pt``, ``xbf_*``) when the run ended on
+    its best epoch, so early-stopped and final-epoch results come from one run."""
     from qatlab.measure import cross_bit, evaluate
+    from qatlab.train.checkpoint import model_from_checkpoint
 
     test = ctx.data.test
-    res = cross_bit(ctx.model(), lambda m: evaluate(m.eval(), test, 512)["acc"], list(bits))
-    return {f"xb_{k}": v for k, v in res.items()}
+
+    def row(model, prefix: str) -> dict[str, Any]:
+        res = cross_bit(model, lambda m: evaluate(m.eval(), test, 512)["acc"], list(bits))
+        return {f"{prefix}{k}": v for k, v in res.items()}
+
+    out = row(ctx.model(), "xb_")
+    if final:
+        last = model_from_checkpoint(ctx.checkpoint, ctx.run_dir / "ckpt.pt").eval()
+        out.update(row(last, "xbf_"))
+    return out
 
 
 @register_measure("bn_reestimate")
@@ -219,6 +230,7 @@ COLUMNS: list[Column] = [
     Column("acc_bn", "test acc % (BN re-est.)"),
     Column("ptq_", "PTQ {} %", section="crossbit"),
     Column("xb_", "PTQ {}-bit %", section="crossbit"),
+    Column("xbf_", "final: PTQ {}-bit %", section="crossbit"),
     Column("osc_share", "oscillating %", better="min", digits=2, section="oscillation"),
     Column("frozen_share", "frozen %", better=None, digits=2, section="oscillation"),
     Column("log_osc_share", "oscillating % (logged)", 100.0, 2, "min", "oscillation"),
@@ -242,8 +254,8 @@ def column_for(key: str) -> tuple[Column, str] | None:
             return col, col.header
         if col.key.endswith("_") and key.startswith(col.key) and key not in _EXACT:
             suffix = key[len(col.key) :]
-            if col.key == "xb_" and not suffix.isdigit():  # xb_float, xb_trained
-                return col, f"{suffix} %"
+            if col.key in ("xb_", "xbf_") and not suffix.isdigit():  # xb_float, xb_trained
+                return col, f"{'final: ' if col.key == 'xbf_' else ''}{suffix} %"
             return col, col.header.format(suffix)
     return None
 

@@ -309,13 +309,19 @@ def _describe(method: str) -> str:
 
 # ----------------------------------------------------------------------------- sections
 SECTIONS: list[tuple[str, Callable[[Results], list]]] = []
+EXTRA_SECTIONS: dict[str, Callable[[Results], list]] = {}  # only where a grid asks for them
 
 
-def register_section(name: str) -> Callable:
-    """Decorator: ``fn(results) -> blocks`` adds a report section (in registration order)."""
+def register_section(name: str, default: bool = True) -> Callable:
+    """Decorator: ``fn(results) -> blocks`` adds a report section. Default sections appear in
+    every report (in registration order); the others only in reports of grids that list them
+    under ``sections:`` (right after the header), e.g. a study's verdict on a paper's claims."""
 
     def wrap(fn: Callable) -> Callable:
-        SECTIONS.append((name, fn))
+        if default:
+            SECTIONS.append((name, fn))
+        else:
+            EXTRA_SECTIONS[name] = fn
         return fn
 
     return wrap
@@ -556,7 +562,9 @@ def build_report(out: str | Path) -> str:
     from qatlab.train.metrics import write_csv, write_text
 
     res = load_results(out)
-    blocks = [b for _, fn in SECTIONS for b in fn(res)]
+    extra = [EXTRA_SECTIONS[n] for n in res.meta["grid"].get("sections") or []]
+    blocks = [b for _, fn in SECTIONS[:1] for b in fn(res)]  # the header
+    blocks += [b for fn in [*extra, *(fn for _, fn in SECTIONS[1:])] for b in fn(res)]
     write_text(res.out / "report.md", render_markdown(blocks))
     write_text(res.out / "report.html", render_html(blocks, res.out, res.meta["grid_name"]))
     write_text(
@@ -618,3 +626,6 @@ def render_html(blocks: list, folder: Path, title: str) -> str:
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
+
+
+from qatlab.compare import oscreg_section  # noqa: E402,F401  (registers its opt-in section)

@@ -36,7 +36,17 @@ from typing import Any
 from qatlab.errors import ConfigError
 from qatlab.train.config import merge, parse_override, read_yaml, set_dotted
 
-GRID_KEYS = ("name", "description", "base", "seeds", "axes", "overrides", "follow_ups", "stages")
+GRID_KEYS = (
+    "name",
+    "description",
+    "base",
+    "seeds",
+    "axes",
+    "overrides",
+    "follow_ups",
+    "stages",
+    "sections",
+)
 STAGE_KEYS = ("name", "set", "axes", "overrides", "follow_ups", "init_from")
 ALL_METHODS = "*"
 
@@ -171,6 +181,7 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
         stages = [{"name": "", "axes": data.get("axes") or {}}]
     elif not isinstance(stages, list) or not stages:
         raise ConfigError("stages must be a non-empty list of mappings")
+    _check_sections(data.get("sections"))
     top_overrides = _list(data.get("overrides"), "overrides")
     top_follow = _list(data.get("follow_ups"), "follow_ups")
 
@@ -214,6 +225,21 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
         for follow_up in cell.follow_ups:
             check_follow_up(follow_up)
     return Grid(name, str(data.get("description") or ""), data, cells, columns)
+
+
+def _check_sections(names: Any) -> None:
+    """``sections``: extra report sections (registered with ``default=False``) by name."""
+    if names is None:
+        return
+    from qatlab.compare.report import EXTRA_SECTIONS
+
+    if not isinstance(names, list):
+        raise ConfigError(f"sections must be a list of report section names, got {names!r}")
+    for name in names:
+        if name not in EXTRA_SECTIONS:
+            raise ConfigError(
+                f"unknown report section {name!r}; available: {', '.join(sorted(EXTRA_SECTIONS))}"
+            )
 
 
 def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
@@ -308,7 +334,7 @@ def _column(key: str, axes: dict[str, list]) -> str:
 
 
 def _label(config: dict[str, Any], key: str) -> str:
-    if key.startswith("quant"):
+    if key in ("quant", "quant.weight_bits", "quant.act_bits"):  # W4A4-style
         return bits_label(config)
     value = _get(config, key)
     if isinstance(value, dict):
