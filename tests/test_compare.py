@@ -143,6 +143,7 @@ def test_stages_run_dependencies_first(tmp_path, tiny_data_config):
     row = json.loads((out / "cells" / "ft-freeze-16-s0" / "result.json").read_text())
     assert 0.0 <= row["osc_share"] <= 1.0 and row["frozen_share"] is not None
     assert "acc_bn" in row and "## Oscillations" in (out / "report.md").read_text()
+    assert sum(row["osc_hist"]) > 0 and (out / "oscillation_hist.png").is_file()
 
 
 def test_oscreg_preset_states_the_claims_from_its_own_rows(tmp_path, tiny_data_config):
@@ -223,6 +224,12 @@ def test_presets_expand():
     osc = load_grid("oscillations")
     assert len(osc.cells) == 6 + 36
     assert all(c.depends_on for c in osc.cells if c.stage == "qat")
+    reg = load_grid("oscreg")  # the former study module's 63 runs (same configs, see oscreg.md)
+    assert len(reg.cells) == 63
+    for cell in reg.cells:  # every regularizer arm selects its epoch at its own target width
+        target = (cell.config.get("method") or {}).get("target_bits")
+        metric = cell.config["train"].get("early_stop_metric")
+        assert metric == (f"val_ptq{target}_acc" if target else None)
 
 
 # ----------------------------------------------------------------------------- ray

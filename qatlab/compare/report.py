@@ -428,6 +428,8 @@ def _oscillation(res: Results) -> list:
     ]
     if _plot_logged(res, "osc_share", "oscillation.png", "weights oscillating (%)"):
         blocks.append(("img", "oscillation.png", "oscillating share over training"))
+    if _plot_hist(res):
+        blocks.append(("img", "oscillation_hist.png", "oscillation frequency histogram"))
     return blocks
 
 
@@ -552,6 +554,43 @@ def _plot_logged(res: Results, metric: str, name: str, ylabel: str) -> bool:
         _save(fig, res.out / name)
     plt.close(fig)
     return drawn
+
+
+def _plot_hist(res: Results) -> bool:
+    """The ``oscillation`` measure's frequency histograms at the end of training, summed over
+    seeds: one panel per setting (the labels other than method), one line per method."""
+    from qatlab.train.plots import _save
+
+    rows = [r for r in res.rows if isinstance(r.get("osc_hist"), list)]
+    if not rows:
+        return False
+    follow = {c["name"]: c["follow_ups"] for c in res.cells}
+    keys = [k for k in res.group_keys() if k != "method"]
+    panels: dict[tuple, dict[str, list[float]]] = {}
+    hist_max = 0.1
+    for r in rows:
+        spec = next((f for f in follow.get(r["cell"], []) if f.get("measure") == "oscillation"), {})
+        hist_max = spec.get("hist_max", hist_max)
+        per = panels.setdefault(tuple(r.get(k, "–") for k in keys), {})
+        method = str(r.get("method", r["method_name"]))
+        total = per.get(method, [0.0] * len(r["osc_hist"]))
+        per[method] = [a + b for a, b in zip(total, r["osc_hist"], strict=True)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, per) in zip(axes[0], panels.items(), strict=True):
+        for method, counts in per.items():
+            width = hist_max / len(counts)
+            centers = [(i + 0.5) * width for i in range(len(counts))]
+            ax.plot(centers, [max(c, 0.5) for c in counts], marker="o", ms=3, label=method)
+        ax.set_yscale("log")
+        ax.set_title(" ".join(map(str, key)) or "all", fontsize=9)
+        ax.set_xlabel(f"oscillation frequency f (histogram over 0..{hist_max:g})")
+    axes[0][0].set_ylabel("weights (all seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, res.out / "oscillation_hist.png")
+    plt.close(fig)
+    return True
 
 
 # ----------------------------------------------------------------------------- rendering
