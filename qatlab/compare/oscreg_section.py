@@ -258,11 +258,14 @@ def _plot_crossbit(table: list[dict], targets: list[str], eval_bits: list[int], 
         for r in table:
             if r["target"] not in (t, "–"):
                 continue
-            ax.plot(xs, [r[f"b{x}"][0] * 100 for x in xs], marker="o", label=r["method"])
+            color = f"C{list(ARMS).index(r['arm'])}"  # one colour per arm in every panel
+            ys = [r[f"b{x}"][0] * 100 for x in xs]
+            ax.plot(xs, ys, marker="o", color=color, label=r["method"])
         ax.set_title(f"target {t} bit (final epoch)", fontsize=9)
         ax.set_xlabel("evaluation bits (PTQ)")
     axes[0].set_ylabel("test acc (%)")
-    axes[0].legend(fontsize=6)
+    for ax in axes:
+        ax.legend(fontsize=5)
     fig.tight_layout()
     _save(fig, res.out / "oscreg_crossbit.png")
     plt.close(fig)
