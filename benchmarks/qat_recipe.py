@@ -6,9 +6,9 @@ Adam lr 1e-3 cosine, batch 128, final-epoch test accuracy. Arms:
 * ``max-abs STE``: ``weight_scale=maxabs_ste`` (step ``max|W|/p`` every call, gradient through
   it), the QAT baseline of Wenshøj et al.;
 * ``LSQ, default``: qatlab's defaults (``train.quant_lr/quant_optimizer`` and
-  ``quant.weight_init`` = ``auto``, which resolve to the from-scratch recipe: LogAdam at 5x the
-  weights' LR, mean-abs init);
-* ``LSQ, LogAdam 3x``: the same at 3x (it ties with 5x on validation accuracy);
+  ``quant.weight_init`` = ``auto``, which resolve to the from-scratch recipe: LogAdam at lr 5e-3,
+  mean-abs init);
+* ``LSQ, LogAdam 3e-3``: the same at lr 3e-3 (it ties with 5e-3 on validation accuracy);
 * ``LSQ, plain Adam 0.1x``: the previous from-scratch recipe (steps with plain Adam at a tenth
   of the weights' LR, mean-abs init);
 * ``LSQ, previous defaults``: Nagel's fine-tuning recipe used from scratch (steps with their
@@ -36,8 +36,8 @@ SETUPS = [
 ]
 ARMS = {
     "ste": ("max-abs STE (paper's baseline)", {"quant.weight_scale": "maxabs_ste"}),
-    "default": ("LSQ, qatlab default (auto: LogAdam 5x)", {}),
-    "log3x": ("LSQ, LogAdam at 3x", {"train.quant_lr": "3x"}),
+    "default": ("LSQ, qatlab default (auto: LogAdam at lr 5e-3)", {}),
+    "log3x": ("LSQ, LogAdam at lr 3e-3", {"train.quant_lr": 3e-3}),
     "tenth": (
         "LSQ, plain Adam at 0.1x (previous recipe)",
         {"train.quant_optimizer": "adam", "train.quant_lr": "0.1x"},

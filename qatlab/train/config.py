@@ -30,9 +30,11 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 QUANT_OPTIMIZERS = (*OPTIMIZERS, "logadam")
 # What train.quant_optimizer / train.quant_lr = "auto" become (docs/results/qat_recipe.md):
 # from a float checkpoint, Nagel et al.'s fine-tuning set-up; from scratch, the weight steps
-# train with Adam on log s at 5x the weights' LR (plain Adam at 1e-5 cannot follow weights that
-# grow several-fold: -14 points at W2 on MLP5 / MNIST-1D; plain Adam at the weights' LR drives
-# small steps to zero and kills W2A2 / SAQ runs; LogAdam's relative moves do neither).
+# train with Adam on log s at lr 5e-3 (plain Adam at 1e-5 cannot follow weights that grow
+# several-fold: -14 points at W2 on MLP5 / MNIST-1D; plain Adam at the weights' LR drives small
+# steps to zero and kills W2A2 / SAQ runs; LogAdam's relative moves do neither). LogAdam's LR
+# is a relative rate (at most ~0.5% change per update here), not in weight units, so it is not
+# tied to the weights' LR (an SGD LR of 0.1 would make any multiple of it absurd).
 STEP_RECIPES: dict[str, dict[str, Any]] = {
     "fine_tune": {
         "quant_optimizer": "adam",
@@ -43,7 +45,7 @@ STEP_RECIPES: dict[str, dict[str, Any]] = {
     },
     "scratch": {
         "quant_optimizer": "logadam",
-        "quant_lr": "5x",  # "<k>x": k times the weights' LR (TrainConfig.resolve_lr)
+        "quant_lr": 5e-3,
         "act_quant_optimizer": "adam",
         "act_quant_lr": 1e-5,
         "weight_init": "meanabs",
@@ -145,8 +147,8 @@ class TrainConfig:
     # How quantizer step sizes train. "auto" picks a recipe by how the run starts (resolved by
     # RunConfig.validate, see STEP_RECIPES): fine-tuning from a checkpoint (init_from) gets
     # Nagel et al.'s set-up, Adam at 1e-5 apart from the weights; from scratch the weight steps
-    # train with "logadam" (Adam on log s, relative moves) at 5x the weights' LR, since the grid
-    # must follow weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
+    # train with "logadam" (Adam on log s, relative moves) at lr 5e-3, since the grid must
+    # follow weights that grow several-fold. A bare TrainConfig resolves "auto" to scratch.
     # quant_optimizer: adam | adamw | sgd | logadam | null (= the weights' optimizer);
     # quant_lr: a number, "<k>x" (k times lr) or null (= lr).
     quant_optimizer: str | None = "auto"
