@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qatlab.compare.report import Results, Table, _pyplot, fmt, mean_std, register_section
+from qatlab.compare.report import Results, _pyplot, mean_std, register_section, rows_table
 
 LAMBDA = 1.0  # the paper's value for MLP5 from scratch (lr 1e-3): the main regularizer arm
 ARMS = {
@@ -113,9 +113,9 @@ def oscreg_section(res: Results) -> list:
     lam_cols = [("target", "target bits"), ("lam_s", "lambda")] + cols[2:-2]
     blocks: list = [
         ("h2", "Final epoch"),
-        ("table", _table(tables["final"], cols, scales)),
+        ("table", rows_table(tables["final"], cols, scales)),
         ("h2", "Early-stopped (best validation epoch of each arm's selection metric)"),
-        ("table", _table(tables["early-stopped"], cols, scales)),
+        ("table", rows_table(tables["early-stopped"], cols, scales)),
     ]
     targets = sorted({r["target"] for r in tables["final"] if r["target"] != "–"})
     if _plot_crossbit(tables["final"], targets, eval_bits, res):
@@ -125,7 +125,7 @@ def oscreg_section(res: Results) -> list:
     if len(lam_table) > 1:
         blocks += [
             ("h2", "Lambda sweep (authors' gradient, final epoch)"),
-            ("table", _table(lam_table, lam_cols)),
+            ("table", rows_table(lam_table, lam_cols)),
         ]
     stats = _plot_stats(res)
     if stats:
@@ -136,7 +136,7 @@ def oscreg_section(res: Results) -> list:
             ("p", STATS_TEXT),
             (
                 "table",
-                _table(
+                rows_table(
                     stats,
                     [("run", "run (target 2, first seed, last step)")] + [(k, k) for k in keys],
                 ),
@@ -158,19 +158,6 @@ STATS_TEXT = (
     "ternary PTQ. At λ=100 the weights do sit at the bin edges (bin position ~0.45) and the "
     "regularizer's gradient dominates the task's (10-30x): accuracy drops."
 )
-
-
-def _table(rows: list[dict], cols: list[tuple[str, str]], scales: dict | None = None) -> Table:
-    scales = scales or {}
-    out = Table([h for _, h in cols], [])
-    for row in rows:
-        cells = []
-        for key, _ in cols:
-            value = row.get(key)
-            scale, digits = scales.get(key, (100.0, 1))
-            cells.append(value if isinstance(value, str) else fmt(value, scale, digits))
-        out.rows.append(cells)
-    return out
 
 
 def _find(table: list[dict], arm: str, target: str, col: str = "bfloat") -> float | None:

@@ -54,19 +54,24 @@ def markdown_table(
     rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], scales: dict | None = None
 ) -> str:
     """A markdown table; ``columns`` are ``(key, header)``; numbers via :func:`fmt`."""
+    return rows_table(rows, columns, scales).markdown()
+
+
+def rows_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], scales: dict | None = None
+) -> Table:
+    """:class:`Table` of ``rows``: ``columns`` are ``(key, header)``, numbers via :func:`fmt`
+    with ``scales[key] = (scale, digits)`` (percent, 1 digit by default)."""
     scales = scales or {}
-    lines = [
-        "| " + " | ".join(h for _, h in columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
+    table = Table([h for _, h in columns], [])
     for row in rows:
         cells = []
         for key, _ in columns:
             value = row.get(key)
             scale, digits = scales.get(key, (100.0, 1))
-            cells.append(fmt(value, scale, digits) if not isinstance(value, str) else value)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells.append(value if isinstance(value, str) else fmt(value, scale, digits))
+        table.rows.append(cells)
+    return table
 
 
 # ============================================================================= comparison reports
