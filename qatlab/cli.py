@@ -137,6 +137,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser(
+        "measure",
+        help="measure a trained run: generalization gap, noise, flatness, landscapes ...",
+        description="Run registered measures on a run folder (its best.pt when the run "
+        "restored its best epoch, else ckpt.pt) or on one checkpoint; merge their numbers into "
+        "measures.json and write their plots (PNG) next to it, in the run folder by default. "
+        "Measures: " + ", ".join(_measures()) + ".",
+    )
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT", help="a run folder or a checkpoint")
+    p.add_argument(
+        "--what",
+        default="gap,noise,flatness",
+        help="comma-separated measures (default gap,noise,flatness), e.g. "
+        "gap,noise,flatness,sharpness,bounds,landscape,corruptions",
+    )
+    p.add_argument("--bits", help="noise: bit widths of the step-size plot (default 8,4,2)")
+    p.add_argument("--subset", type=int, help="training samples for searches (default 1000)")
+    p.add_argument("--seed", type=int, help="seed of every random choice (default: the run's)")
+    p.add_argument("--out", help="folder for measures.json and plots (default: the run folder)")
+    p.add_argument("--data-dir", help="where the dataset lives now (if it moved)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="MEASURE.OPTION=VALUE",
+        help="a measure's option, e.g. flatness.draws=5, landscape.dims=2 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser(
         "compare",
         help="run a comparison grid (methods x bits x seeds ...), resumable, with a report",
         description="Run every cell of a comparison grid (a YAML file or a preset: "
@@ -341,6 +372,66 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['method']:<10}{r['bits']:<8}{100 * r['acc']:>9.2f}%{r['loss']:>9.4f}")
     print(f"wrote {prefix}.json and {prefix}.csv")
+    return 0
+
+
+def _measures() -> list[str]:
+    from qatlab.measure import MEASURES
+
+    return sorted(MEASURES)
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from qatlab.measure import get_measure
+    from qatlab.train.config import parse_override
+    from qatlab.train.context import measure_run
+
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    for name in what:  # unknown names first: one line with a did-you-mean
+        get_measure(name)
+    options: dict[str, dict[str, Any]] = {}
+    for item in args.overrides:
+        key, value = parse_override(item)
+        name, _, option = key.partition(".")
+        if not option:
+            raise ConfigError(
+                f"--set takes MEASURE.OPTION=VALUE, e.g. flatness.draws=5; got {item!r}"
+            )
+        options.setdefault(name, {})[option] = value
+    if args.bits is not None:
+        if "noise" not in what:
+            raise ConfigError("--bits sets the widths of the noise measure: add noise to --what")
+        options.setdefault("noise", {})["bits"] = _bit_list(args.bits)
+    if args.subset is not None:
+        if args.subset < 0:
+            raise ConfigError(
+                f"--subset must be >= 0 (0 = the whole training set), got {args.subset}"
+            )
+        for name in what:
+            if "subset" in get_measure(name).options and name != "corruptions":
+                options.setdefault(name, {}).setdefault("subset", args.subset)
+
+    def report(name: str, result: dict[str, Any], seconds: float) -> None:
+        numbers = [
+            f"{k} {v:.4g}"
+            for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        shown = ", ".join(numbers[:8]) + (", ..." if len(numbers) > 8 else "")
+        print(f"{name} ({seconds:.1f}s): {shown or 'no numbers'}", flush=True)
+
+    doc = measure_run(
+        args.path,
+        what,
+        options=options,
+        seed=args.seed,
+        out=args.out,
+        progress=not args.quiet,
+        data_dir=args.data_dir,
+        report=report,
+    )
+    out = Path(args.out) if args.out else Path(doc["checkpoint"]).parent
+    print(f"wrote {out / 'measures.json'}")
     return 0
 
 

@@ -110,7 +110,7 @@ def _train_and_measure(cell: Cell, cells_dir: str) -> dict[str, Any]:
         "wall_time_s": summary["wall_time_s"],
     }
     row.update(logged_stats(read_jsonl(cfg.run_dir / "metrics.jsonl")))
-    ctx = CellContext(cfg, summary)
+    ctx = CellContext(cfg, summary, results=row)  # a follow-up sees the row so far
     for follow_up in cell.follow_ups:
         row.update(run_follow_up(ctx, follow_up))
     write_json(cfg.run_dir / "result.json", row)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from qatlab.compare.measures import column_for, is_number
+from qatlab.measure.registry import SECTIONS as MEASURE_SECTIONS
+from qatlab.measure.registry import column_rank
 
 
 def mean_std(
@@ -189,10 +191,7 @@ def _columns(res: Results, section: str) -> list[str]:
             entry = column_for(key)
             if entry and entry[0].section == section and is_number(value) and key not in keys:
                 keys.append(key)
-    from qatlab.compare.measures import COLUMNS
-
-    rank = {id(c): i for i, c in enumerate(COLUMNS)}
-    return sorted(keys, key=lambda k: rank[id(column_for(k)[0])])  # stable: first-seen within
+    return sorted(keys, key=lambda k: column_rank(column_for(k)[0]))  # stable: first-seen within
 
 
 def metric_table(res: Results, keys: list[str], rows: list[dict] | None = None) -> Table:
@@ -438,6 +437,35 @@ def _oscillation(res: Results) -> list:
     return blocks
 
 
+# sections the report renders itself; every other section of a measure's columns gets a table
+OWN_SECTIONS = ("accuracy", "crossbit", "oscillation")
+
+
+@register_section("measures")
+def _measures(res: Results) -> list:
+    """One table per section of the registered measures' columns (``qatlab.measure``) that
+    this comparison's rows fill: a new measure shows up here with no edit in compare/."""
+    names: list[str] = []
+    for row in res.rows:
+        for key, value in row.items():
+            entry = column_for(key)
+            if entry and is_number(value) and entry[0].section not in OWN_SECTIONS:
+                if entry[0].section not in names:
+                    names.append(entry[0].section)
+    order = list(MEASURE_SECTIONS)
+    names.sort(key=lambda n: order.index(n) if n in order else len(order))
+    blocks: list = []
+    for name in names:
+        keys = _columns(res, name)
+        rows = [r for r in res.rows if any(is_number(r.get(k)) for k in keys)]
+        section = MEASURE_SECTIONS.get(name)
+        blocks.append(("h2", section.title if section else name))
+        if section and section.text:
+            blocks.append(("p", section.text))
+        blocks.append(("table", metric_table(res, keys, rows)))
+    return blocks
+
+
 @register_section("time")
 def _time(res: Results) -> list:
     if not res.rows:
@@ -672,4 +700,4 @@ def render_html(blocks: list, folder: Path, title: str) -> str:
     )
 
 
-from qatlab.compare import oscreg_section  # noqa: E402,F401  (registers its opt-in section)
+from qatlab.compare import kendall_section, oscreg_section  # noqa: E402,F401  (opt-in sections)

@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qatlab.measure.registry import Column, register_column
+
+# the columns of every run's summary (the training loop records them)
+register_column(Column("test_acc", "test acc %"))
+register_column(Column("wall_time_s", "train time s", scale=1.0, better=None, order=1))
+
 
 @torch.no_grad()
 def evaluate(

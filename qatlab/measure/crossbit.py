@@ -8,10 +8,12 @@ keep near-float accuracy above their target bit width, where QAT models do not.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
 from qatlab.measure.accuracy import evaluate
+from qatlab.measure.registry import Column, MeasureContext, register_measure
 from qatlab.quant import QuantConfig, dequantize, is_quantized, ptq
 
 
@@ -60,3 +62,41 @@ def ptq_accuracy(model: nn.Module, dataset, bits: int, batch_size: int = 512) ->
     PTQ at ``bits`` (:func:`ptq_config`)."""
     float_model = dequantize(model) if is_quantized(model) else model
     return evaluate(ptq(float_model, ptq_config(bits), []), dataset, batch_size)["acc"]
+
+
+# ----------------------------------------------------------------------------- the measure
+def _xb_label(prefix: str) -> Callable[[str], str]:
+    def label(suffix: str) -> str:  # xb_4 -> "PTQ 4-bit %", xb_float -> "float %"
+        if suffix.isdigit():
+            return f"{prefix}PTQ {suffix}-bit %"
+        return f"{prefix}{suffix} %"
+
+    return label
+
+
+@register_measure(
+    "crossbit",
+    columns=[
+        Column("xb_", "PTQ {}-bit %", section="crossbit", label=_xb_label("")),
+        Column("xbf_", "final: PTQ {}-bit %", section="crossbit", label=_xb_label("final: ")),
+    ],
+)
+def crossbit_measure(
+    ctx: MeasureContext, bits: list = (2, 3, 4, 8), final: bool = False
+) -> dict[str, Any]:
+    """Wenshøj et al.'s cross-bit row (:func:`cross_bit`): weights-only max-abs PTQ on the
+    restricted grid at each width, float, and a QAT model as trained (``xb_*``). ``final``:
+    also of the last epoch's model (``xbf_*``) when the run ended on its best epoch, so
+    early-stopped and final-epoch results come from one run."""
+    test = ctx.data.test
+
+    def row(model, prefix: str) -> dict[str, Any]:
+        res = cross_bit(model, lambda m: evaluate(m.eval(), test, 512)["acc"], list(bits))
+        return {f"{prefix}{k}": v for k, v in res.items()}
+
+    out = row(ctx.model(), "xb_")
+    if final:
+        last = ctx.final_model()
+        if last is not None:
+            out.update(row(last.eval(), "xbf_"))
+    return out

@@ -58,6 +58,7 @@ RESUMABLE = (
     "divergence_factor",
 )
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
+INIT_FILE = "init.pt"  # the model's state dict at step 0 (qatlab.measure's 'init' bounds)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -179,7 +180,8 @@ def fit(
 
     Every epoch: train (:func:`train_step` per batch), (re-estimate BN), evaluate on
     ``data.val`` plus the hooks' eval metrics, keep the best ``cfg.early_stop_metric``
-    (``best.pt``), write ``ckpt.pt`` atomically, append to ``metrics.jsonl``. ``resume=True``
+    (``best.pt``), write ``ckpt.pt`` atomically, append to ``metrics.jsonl``; a fresh run
+    first saves its step-0 weights as ``init.pt``. ``resume=True``
     continues from ``ckpt.pt`` and ends with exactly the weights of an uninterrupted run. A
     non-finite or exploding loss raises :class:`qatlab.errors.TrainingDiverged` before
     anything of that epoch is saved. Under torchrun the model is wrapped in DDP and only rank 0
@@ -216,11 +218,16 @@ def fit(
         counter = transition_counter(model, hooks) if cfg.log_transitions else None
         if run_dir is not None and dev.is_main:
             log = _open_log(run_dir, run_config, records, state.epoch if ckpt else None)
+        meta = _meta(model, data, run_config)
+        if ckpt is None and run_dir is not None and dev.is_main:
+            # the weights at step 0 (after quantization and calibration): what the PAC-Bayes
+            # 'init' bounds of qatlab.measure measure the distance travelled from
+            init = {"model": _cpu_copy(model.state_dict()), "epoch": 0, **meta}
+            save_checkpoint(run_dir / INIT_FILE, init)
         if verbose and dev.is_main:
             resumed = f"resumed from {run_dir / 'ckpt.pt'} after epoch {state.epoch}"
             print(resumed if ckpt else _line(records[0], cfg.epochs), flush=True)
 
-        meta = _meta(model, data, run_config)
         metric, mode = cfg.early_stop_metric, cfg.mode
         while state.epoch < cfg.epochs and not state.stopped_early:
             start = time.perf_counter()

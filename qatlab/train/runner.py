@@ -1,29 +1,20 @@
 """From a :class:`RunConfig` to results: build data, model and hooks, then :func:`fit`; and
-evaluate or post-training-quantize a saved checkpoint. The CLI calls these and nothing else.
+evaluate a saved checkpoint (the measures themselves, PTQ sweeps included, live in
+:mod:`qatlab.measure`; ``ptq_sweep`` is re-exported here). The CLI calls these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import time
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from qatlab.errors import CheckpointError, ConfigError
-from qatlab.quant import (
-    QuantConfig,
-    calibrate,
-    dequantize,
-    is_quantized,
-    ptq,
-    quantize,
-    reestimate_bn,
-)
+from qatlab.measure.ptq import SPLITS, calib_loader, ptq_sweep, split_dataset
+from qatlab.quant import calibrate, dequantize, quantize, reestimate_bn
 from qatlab.train.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -36,6 +27,8 @@ from qatlab.train.config import DataConfig, ModelConfig, RunConfig
 from qatlab.train.distributed import resolve_device, sync_batchnorm
 from qatlab.train.loop import count_steps, evaluate, fit, train_loader
 from qatlab.train.rundir import claim_run_dir
+
+__all__ = ["build", "checkpoint_data", "evaluate_checkpoint", "load_data", "ptq_sweep", "run"]
 
 
 def load_data(cfg: DataConfig):
@@ -175,13 +168,14 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy and loss of a saved model on one split (``test``, ``val`` or ``train``)."""
-    attr = _split(split)
+    if split not in SPLITS:  # bad input: one line before anything is loaded
+        split_dataset(None, split)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
     data = checkpoint_data(ckpt, path, data_dir)
     if bn_reestimate:
-        reestimate_bn(model, _calib_batches(data, batch_size), 50)
-    result = evaluate(model, getattr(data, attr), batch_size)
+        reestimate_bn(model, calib_loader(data, batch_size), 50)
+    result = evaluate(model, split_dataset(data, split), batch_size)
     quant = ckpt.get("quant")
     bits = "float" if quant is None else quant_config(quant).describe()
     return {
@@ -192,70 +186,3 @@ def evaluate_checkpoint(
         "bn_reestimate": bn_reestimate,
         **result,
     }
-
-
-def ptq_sweep(
-    model: nn.Module,
-    data,
-    bits: Sequence[int],
-    *,
-    act_bits: int | str | None = "same",
-    split: str = "test",
-    calib_batches: int = 4,
-    batch_size: int = 512,
-    bn_reestimate: bool = False,
-    quant_options: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Rows ``{method, bits, weight_bits, act_bits, acc, loss, time_s}``: the float model,
-    then the model post-training quantized at each bit width (calibrated on
-    ``calib_batches`` training batches). ``act_bits``: ``"same"`` as the weights, a fixed
-    width, or ``None`` for weights only. A QAT model is first turned back into its latent
-    float model, and also reported as trained."""
-    dataset = getattr(data, _split(split))
-    rows = []
-    if is_quantized(model):
-        start = time.perf_counter()
-        res = evaluate(model, dataset, batch_size)
-        rows.append(_row("trained", "trained", None, None, res, start))
-        model = dequantize(model)
-    start = time.perf_counter()
-    rows.append(_row("float", "float", None, None, evaluate(model, dataset, batch_size), start))
-    for b in bits:
-        a = b if act_bits == "same" else act_bits
-        cfg = QuantConfig.from_dict(
-            {"weight_bits": b, "act_bits": a, "weights_only": a is None, **(quant_options or {})}
-        )
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qmodel = ptq(model, cfg, _calib_batches(data, batch_size), calib_batches)
-        if bn_reestimate:
-            reestimate_bn(qmodel, _calib_batches(data, batch_size), 50)
-        res = evaluate(qmodel, dataset, batch_size)
-        rows.append(_row("ptq", cfg.describe(), b, a, res, start))
-    return rows
-
-
-def _row(method: str, bits: str, wbits, abits, res: dict, start: float) -> dict[str, Any]:
-    return {
-        "method": method,
-        "bits": bits,
-        "weight_bits": wbits,
-        "act_bits": abits,
-        "acc": res["acc"],
-        "loss": res["loss"],
-        "time_s": round(time.perf_counter() - start, 3),
-    }
-
-
-def _calib_batches(data, batch_size: int):
-    from qatlab.data import make_loader
-
-    return make_loader(data.train_eval, batch_size, shuffle=True, seed=0, epoch=0)
-
-
-def _split(split: str) -> str:
-    names = {"test": "test", "val": "val", "train": "train_eval"}
-    if split not in names:
-        raise ConfigError(f"split must be one of test, val, train; got {split!r}")
-    return names[split]
