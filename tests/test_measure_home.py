@@ -28,9 +28,9 @@ def _train(out: Path, data: dict, name: str, *extra: str) -> Path:
             "--num-samples",
             str(data["num_samples"]),
             "--model",
-            "mlp5",
+            "cnn1d",
             "--epochs",
-            "2",
+            "4",
             "--lr",
             "3e-3",
             "--batch-size",
@@ -38,8 +38,6 @@ def _train(out: Path, data: dict, name: str, *extra: str) -> Path:
             "--quiet",
             "--set",
             f"data.cache_dir={data['cache_dir']}",
-            "--set",
-            "model.width=32",
             *extra,
         ]
     )
@@ -49,7 +47,7 @@ def _train(out: Path, data: dict, name: str, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory, tiny_data_config) -> Path:
-    """A W4A4 mlp5 trained through the CLI for 2 epochs."""
+    """A W4A4 cnn1d trained through the CLI for 4 epochs."""
     out = tmp_path_factory.mktemp("runs")
     return _train(out, tiny_data_config, "w4", "--wbits", "4", "--abits", "4")
 
@@ -320,3 +318,22 @@ def test_kendall_section_ranks_registered_measures_against_the_gap(tmp_path):
     assert got["sigma' (sigma_mag)"] == ["-1.00", "6", "-1.00", "-1.00"]
     assert got["PAC-Bayes mag init (pacbayes_mag_init)"] == ["+1.00", "6", "+1.00", "+1.00"]
     assert len(got) == 2  # val_acc has no column, wall time is skipped
+
+
+def test_measure_cli_flatness_then_bounds_reuse_the_search(qat_run, tmp_path):
+    pytest.importorskip("qatlab.measure.flatness")
+    before = _digest(qat_run)
+    out = tmp_path / "f"
+    fast = ["--set", "flatness.draws=2", "--set", "flatness.steps=6", "--subset", "300"]
+    code = main(["measure", str(qat_run), "--what", "flatness,bounds", *fast, "--out", str(out)])
+    assert code == 0
+    doc = json.loads((out / "measures.json").read_text())
+    res = doc["results"]
+    assert 0 < res["sigma"] < 2 and 0 < res["sigma_mag"] < 2
+    assert res["sigma_evals"] <= 6 + 1 and res["sigma_base_acc"] > 0.3
+    assert res["pacbayes_flatness"] == pytest.approx((1 / res["sigma"] ** 2 / 1080) ** 0.5)
+    assert "pacbayes_init" in res and "pacbayes_mag_init" in res  # from the run's init.pt
+    assert doc["measures"]["bounds"]["keys"] == sorted(  # no second search: bounds only
+        k for k in res if k.startswith("pacbayes_")
+    )
+    assert _digest(qat_run) == before
