@@ -89,7 +89,7 @@ def loss_landscape(
     dirs = [
         filter_normalized_direction(pm.weights, _generator(seed, 2 << 20, i)) for i in range(dims)
     ]
-    coords = torch.linspace(-span, span, points, dtype=torch.float64).tolist()
+    coords = [span * (2 * i / (points - 1) - 1) for i in range(points)]  # exact 0 at the middle
     device = next(iter(pm.weights.values())).device if pm.weights else x.device
     x, y = x.to(device), y.to(device)
     with pm.ready():

@@ -25,9 +25,9 @@ def quantization_noise(model: nn.Module) -> list[dict]:
         w = layer.weight.detach().float()
         err = (q.quantize_detached(w) - w).reshape(w.shape[0], -1)
         step = q.current_step(w).detach().float().reshape(-1)  # [C] or [1]
-        ints = q.integer(w)
         n, p = q.grid_range
-        clipped = float(((w / q.broadcast_step(w)).round() != ints).float().mean())
+        levels = torch.round(w * (1.0 / q.broadcast_step(w)))  # as Quantizer.integer rounds
+        clipped = float(((levels < n) | (levels > p)).float().mean())
         if step.numel() > 1:
             var = err.var(dim=1, unbiased=False)  # per channel
             ratio = float((var / (step.square() / 12)).mean())
