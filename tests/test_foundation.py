@@ -42,6 +42,11 @@ SUBPACKAGES += [
     "measure.bn",
     "measure.oscillation",
     "measure.qgen",
+    "measure.gap",
+    "measure.noise",
+    "measure.flatness",
+    "measure.landscape",
+    "measure.robustness",
 ]
 
 

@@ -29,7 +29,6 @@ from qatlab.measure.registry import (
     Column,
     MeasureContext,
     Section,
-    atomic_path,
     register_measure,
 )
 
@@ -138,7 +137,7 @@ def noise(ctx: MeasureContext, bits: list = (8, 4, 2), plot: bool = True) -> dic
     if is_quantized(model):
         layers = quantization_noise(model)
         if layers:
-            by_bits["trained"] = layers
+            by_bits[f"trained (W{layers[0]['bits']})"] = layers
             out["noise_ratio"] = _mean(layers, "noise_ratio")
             out["noise_step"] = _mean(layers, "step")
             out["noise_layers"] = [
@@ -150,8 +149,7 @@ def noise(ctx: MeasureContext, bits: list = (8, 4, 2), plot: bool = True) -> dic
         by_bits[f"W{b}"] = layers
         out[f"noise_ratio_W{b}"] = _mean(layers, "noise_ratio")
     if plot and by_bits:
-        with atomic_path(ctx.out_dir / "noise_steps.png") as tmp:
-            plot_step_sizes(by_bits, tmp)
+        plot_step_sizes(by_bits, ctx.out_dir / "noise_steps.png")  # written atomically
     return out
 
 
@@ -341,8 +339,7 @@ def landscape(
     }
     if plot:
         name = "landscape.png" if dims == 1 else "landscape2d.png"
-        with atomic_path(ctx.out_dir / name) as tmp:
-            plot_landscape({"trained": res}, tmp)
+        plot_landscape({"trained": res}, ctx.out_dir / name)  # written atomically
     return out
 
 
@@ -379,6 +376,7 @@ def corruptions(
 ) -> dict[str, Any]:
     """Test accuracy under each corruption (image or 1-D signal set, by the data's shape) at
     each severity, per corruption and the mean, seeded; ``subset``: test samples (0 = all)."""
+    from qatlab.data.corruptions import dataset_pixel_range
     from qatlab.measure.robustness import corruption_accuracy
 
     x, y = dataset_tensors(ctx.data.test, subset or None, ctx.seed)
@@ -390,5 +388,6 @@ def corruptions(
         severities=tuple(severities),
         seed=ctx.seed,
         batch_size=batch_size,
+        pixel_range=dataset_pixel_range(ctx.data.name),  # images: corrupt in pixel space
     )
     return {k: float(v) for k, v in res.items()}
