@@ -272,12 +272,14 @@ def test_generalization_preset_expands_and_validates():
         b: 36 for b in ("float", "W8A8", "W4A4", "W3A3", "W2A2")
     }
     assert {c.seed for c in grid.cells} == {0, 1, 2}
-    assert grid.source["sections"] == ["kendall"]
+    assert grid.source["sections"] == ["kendall", "landscapes"]
     wanted = {"gap", "noise", "flatness", "sharpness", "landscape", "corruptions"}
     for cell in grid.cells:
         names = [f["measure"] for f in cell.follow_ups]
         assert wanted <= set(names)
         assert ("ptq" in names) == (cell.labels["bits"] == "float")
+        corr = next(f for f in cell.follow_ups if f["measure"] == "corruptions")
+        assert ("ptq_bits" in corr) == (cell.labels["bits"] == "float")
     shrunk = load_grid("generalization", ["seeds=[0]", "base.train.epochs=1"])
     assert len(shrunk.cells) == len(grid.cells) // 3
 
@@ -292,7 +294,7 @@ def test_kendall_tau_by_hand():
 
 
 def test_kendall_section_ranks_registered_measures_against_the_gap(tmp_path):
-    from qatlab.compare.kendall_section import _kendall
+    from qatlab.compare.generalization_section import _kendall
     from qatlab.compare.report import Results
 
     rows = []
@@ -337,3 +339,33 @@ def test_measure_cli_flatness_then_bounds_reuse_the_search(qat_run, tmp_path):
         k for k in res if k.startswith("pacbayes_")
     )
     assert _digest(qat_run) == before
+
+
+def test_landscapes_section_overlays_the_bit_widths(tmp_path):
+    from qatlab.compare.generalization_section import _landscapes
+    from qatlab.compare.report import Results
+
+    coords = [-1.0, 0.0, 1.0]
+    rows = [
+        {
+            "cell": f"c{i}",
+            "bits": b,
+            "bits_trained": b,
+            "land_coords": coords,
+            "land_loss": [2.0, 0.5, 2.0 + i],
+        }
+        for i, b in enumerate(["float", "float", "W2A2"])
+    ]
+    rows.append(
+        {
+            "cell": "2d",
+            "bits": "W4A4",
+            "bits_trained": "W4A4",
+            "land_coords": coords,
+            "land_loss": [[1.0] * 3] * 3,
+        }
+    )  # a 2-D landscape: not overlaid
+    blocks = _landscapes(Results(tmp_path, {"grid": {}}, [], ["bits"], rows, []))
+    assert ("img", "landscapes.png", "loss landscapes by bit width") in blocks
+    assert (tmp_path / "landscapes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _landscapes(Results(tmp_path, {"grid": {}}, [], ["bits"], rows[3:], [])) == []

@@ -700,4 +700,4 @@ def render_html(blocks: list, folder: Path, title: str) -> str:
     )
 
 
-from qatlab.compare import kendall_section, oscreg_section  # noqa: E402,F401  (opt-in sections)
+from qatlab.compare import generalization_section, oscreg_section  # noqa: E402,F401 (opt-in)

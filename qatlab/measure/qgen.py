@@ -21,6 +21,7 @@ calls the library functions of :mod:`qatlab.measure.gap`, ``noise``, ``flatness`
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -364,6 +365,8 @@ def _corr_label(suffix: str) -> str | None:
     columns=[
         Column("clean_acc", "clean %", section="corruptions"),
         Column("corr_", "{} %", section="corruptions", label=_corr_label),
+        Column("ptqclean_", "PTQ {} clean %", section="corruptions"),
+        Column("ptqcorr_", "PTQ {} corrupted %", section="corruptions"),
     ],
     section=CORR,
 )
@@ -373,21 +376,45 @@ def corruptions(
     severities: list = (1, 2, 3, 4, 5),
     batch_size: int = 512,
     subset: int = 0,
+    ptq_bits: list = (),
+    calib_batches: int = 4,
 ) -> dict[str, Any]:
     """Test accuracy under each corruption (image or 1-D signal set, by the data's shape) at
-    each severity, per corruption and the mean, seeded; ``subset``: test samples (0 = all)."""
+    each severity, per corruption and the mean, seeded; ``subset``: test samples (0 = all).
+    ``ptq_bits``: also the model's (latent) float weights post-training quantized at each
+    width (WbAb, calibrated on ``calib_batches`` training batches, as the ``ptq`` measure):
+    ``ptqclean_WbAb`` and ``ptqcorr_WbAb`` (mean over corruptions), so QAT can be set against
+    float + PTQ."""
     from qatlab.data.corruptions import dataset_pixel_range
+    from qatlab.measure.ptq import calib_loader
     from qatlab.measure.robustness import corruption_accuracy
+    from qatlab.quant import QuantConfig, dequantize, is_quantized, ptq
 
     x, y = dataset_tensors(ctx.data.test, subset or None, ctx.seed)
-    res = corruption_accuracy(
-        ctx.model(),
-        x,
-        y,
-        names=list(names) if names is not None else None,
-        severities=tuple(severities),
-        seed=ctx.seed,
-        batch_size=batch_size,
-        pixel_range=dataset_pixel_range(ctx.data.name),  # images: corrupt in pixel space
-    )
-    return {k: float(v) for k, v in res.items()}
+
+    def measure(model) -> dict[str, float]:
+        res = corruption_accuracy(
+            model,
+            x,
+            y,
+            names=list(names) if names is not None else None,
+            severities=tuple(severities),
+            seed=ctx.seed,
+            batch_size=batch_size,
+            pixel_range=dataset_pixel_range(ctx.data.name),  # images: corrupt in pixel space
+        )
+        return {k: float(v) for k, v in res.items()}
+
+    model = ctx.model()
+    out = measure(model)
+    if ptq_bits:
+        float_model = dequantize(model) if is_quantized(model) else model
+        for b in ptq_bits:
+            cfg = QuantConfig.from_dict({"weight_bits": int(b), "act_bits": int(b)})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qmodel = ptq(float_model, cfg, calib_loader(ctx.data, 512), calib_batches)
+            res = measure(qmodel.eval())
+            out[f"ptqclean_{cfg.describe()}"] = res["clean_acc"]
+            out[f"ptqcorr_{cfg.describe()}"] = res["corr_mean"]
+    return out
