@@ -369,3 +369,10 @@ def test_landscapes_section_overlays_the_bit_widths(tmp_path):
     assert ("img", "landscapes.png", "loss landscapes by bit width") in blocks
     assert (tmp_path / "landscapes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _landscapes(Results(tmp_path, {"grid": {}}, [], ["bits"], rows[3:], [])) == []
+
+
+def test_measure_help_lists_the_registry(capsys):
+    assert main(["measure", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("gap", "noise", "flatness", "sharpness", "bounds", "landscape", "corruptions"):
+        assert name in text
