@@ -88,14 +88,16 @@ def _landscapes(res: Results) -> list:
             continue  # another grid of points: not averaged with this one
         panels.setdefault(panel, {}).setdefault(_bits_of(r), []).append(r["land_loss"])
     plt = _pyplot()
+    widths = sorted({b for per in panels.values() for b in per}, key=bits_order)[::-1]
+    colors = {b: f"C{i}" for i, b in enumerate(widths)}  # one colour per width in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (panel, per) in zip(axes[0], panels.items(), strict=True):
-        for bits in sorted(per, key=bits_order)[::-1]:
+        for bits in [w for w in widths if w in per]:
             curves = per[bits]
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
-            ax.plot(coords[panel], mean, label=f"{bits} (n={len(curves)})")
+            ax.plot(coords[panel], mean, color=colors[bits], label=f"{bits} (n={len(curves)})")
         ax.set_yscale("log")
-        ax.set_title(" ".join(panel) or "all", fontsize=9)
+        ax.set_title(" ".join(v for v in panel if v != "–") or "all", fontsize=9)
         ax.set_xlabel("step along the direction (filter-normalized)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
