@@ -265,6 +265,26 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
     return g
 
 
+def training_subset(dataset, size: int | None = 2048, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(x, y)``: a fixed random subset of ``size`` samples of ``dataset`` (all if ``None`` or
+    larger), seeded, for the searches and landscapes. Give the un-augmented training samples
+    (``DataBundle.train_eval``). 2048 samples put the binomial std of an accuracy near 0.9 at
+    0.007, below the searches' 0.01 tolerance (``benchmarks/measure_speed.py``)."""
+    n = len(dataset)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"subset size must be a positive integer or None, got {size!r}")
+    if size is None or size >= n:
+        idx = torch.arange(n)
+    else:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        return dataset.x[idx], dataset.y[idx]
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.as_tensor(
+        [int(y) for _, y in items]
+    )
+
+
 # --------------------------------------------------------------------------- the searches
 def _check_search(x: Tensor, y: Tensor, target: float, tol: float, steps: int, upper: float):
     if len(x) != len(y) or len(y) == 0:
