@@ -22,7 +22,9 @@ For a quantized model, ``perturb`` picks the weight that noise is added to:
   :func:`qatlab.quant.perturbed_weights` at ``q(w) + delta`` (the weight quantizers are switched
   off and ``q(w) + delta`` is passed in its place, which gives the same numbers and lets the
   alpha search differentiate through ``delta``); activation quantizers stay on.
-* ``"latent"``: the latent ``w``, quantizers on: the forward uses ``q(w + delta)``.
+* ``"latent"``: the latent ``w``, quantizers on: the forward uses ``q(w + delta)`` (learned
+  steps stay fixed; a max-abs weight quantizer recomputes its step from ``w + delta``, as it
+  does on every call).
 * ``"float"``: all quantizers off, the latent float network ``w + delta``.
 
 Measures never modify the model: parameters are substituted with ``torch.func.functional_call``
