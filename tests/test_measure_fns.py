@@ -375,7 +375,7 @@ def test_quantization_noise_ratio_near_one_when_weights_span_many_bins(tmp_path)
     assert row["bits"] == 8 and row["clipped"] == 0.0
     assert row["noise_ratio"] == pytest.approx(1.0, abs=0.05)
     assert row["noise_var"] == pytest.approx(row["step"] ** 2 / 12, rel=1e-6)
-    assert row["step"] == pytest.approx(float(q[2].weight.abs().max()) / 127, rel=1e-5)
+    assert row["step"] == pytest.approx(float(q[2].weight.detach().abs().max()) / 127, rel=1e-5)
     # per channel: each channel with its own step, then averaged
     cfg_c = qatlab.QuantConfig(weight_bits=6, weights_only=True, weight_granularity="channel")
     rows_c = quantization_noise(qatlab.quantize(net, cfg_c))
@@ -463,3 +463,17 @@ def test_corruption_accuracy(digits):
     assert again == res
     with pytest.raises(ConfigError, match="unknown corruption"):
         corruption_accuracy(net, images, y, names=["offset"])
+
+
+def test_training_subset_is_fixed_and_seeded():
+    from qatlab.measure.flatness import training_subset
+
+    ds = ArrayDataset(torch.arange(100.0).view(100, 1), torch.arange(100) % 10)
+    x, y = training_subset(ds, 30, seed=1)
+    x2, _ = training_subset(ds, 30, seed=1)
+    x3, _ = training_subset(ds, 30, seed=2)
+    assert x.shape == (30, 1) and torch.equal(x, x2) and not torch.equal(x, x3)
+    assert torch.equal(y, x.view(-1).long() % 10) and len(set(x.view(-1).tolist())) == 30
+    assert torch.equal(training_subset(ds, None)[0], ds.x)
+    with pytest.raises(ConfigError):
+        training_subset(ds, 0)
