@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         "gap,noise,flatness,sharpness,bounds,landscape,corruptions",
     )
     p.add_argument("--bits", help="noise: bit widths of the step-size plot (default 8,4,2)")
-    p.add_argument("--subset", type=int, help="training samples for searches and landscapes (default 2048; 0 = all)")
+    p.add_argument(
+        "--subset", type=int, help="training samples of searches and landscapes (default 2048)"
+    )
     p.add_argument("--seed", type=int, help="seed of every random choice (default: the run's)")
     p.add_argument("--out", help="folder for measures.json and plots (default: the run folder)")
     p.add_argument("--data-dir", help="where the dataset lives now (if it moved)")
