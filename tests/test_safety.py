@@ -107,6 +107,7 @@ def test_two_runs_with_one_name_started_together(tmp_path, small_data, capsys):
         "curves.png",
         "ckpt.pt",
         "best.pt",
+        "init.pt",
     }
     assert f"seed: {winner}" in (run / "config.yaml").read_text()
     assert json.loads((run / "summary.json").read_text())["config"]["train"]["seed"] == winner
