@@ -7,13 +7,18 @@ they are computed, so frozen weights export their frozen integers.
 
 from qatlab.export.integer import dequantize_weights, load_integer, to_integer
 from qatlab.export.onnx import ExportReport, check_exportable, onnx_metadata, to_onnx
+from qatlab.export.runtime import INTEGER_KERNELS, integer_kernels, optimized_ops, session
 
 __all__ = [
+    "INTEGER_KERNELS",
     "ExportReport",
     "check_exportable",
     "dequantize_weights",
+    "integer_kernels",
     "load_integer",
     "onnx_metadata",
+    "optimized_ops",
+    "session",
     "to_integer",
     "to_onnx",
 ]

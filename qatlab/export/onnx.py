@@ -36,7 +36,6 @@ else is kept as a float ``BatchNormalization`` and named in :class:`ExportReport
 from __future__ import annotations
 
 import json
-import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,7 +292,7 @@ def to_onnx(
     try:
         example = example_input.detach().float().cpu()
         gm = _trace(qmodel, example)
-        graph, report = _Emitter(gm, integer_ops, path).run(example)
+        graph, report = _Emitter(gm, type(qmodel).__name__, integer_ops, path).run(example)
     finally:
         qmodel.train(was_training)
     model = onnx.helper.make_model(
@@ -323,8 +322,9 @@ def onnx_metadata(model) -> dict:
 class _Emitter:
     """Walks the fx graph once and writes the ONNX nodes."""
 
-    def __init__(self, gm: fx.GraphModule, integer_ops: bool, path: Path) -> None:
+    def __init__(self, gm: fx.GraphModule, root: str, integer_ops: bool, path: Path) -> None:
         self.gm = gm
+        self.root = root
         self.modules = dict(gm.named_modules())
         self.integer_ops = integer_ops
         self.g = _Graph()
@@ -517,15 +517,26 @@ class _Emitter:
         else:
             what = f"{node.op} {node.target}"
         raise ConfigError(
-            f"cannot export operation {what} (node {node.name}): not supported; export supports "
-            f"{SUPPORTED}"
+            f"cannot export operation {what} (node {node.name} in {self.where(node)}): not "
+            f"supported; export supports {SUPPORTED}"
         )
+
+    def where(self, node: fx.Node) -> str:
+        """The module whose forward holds ``node`` (for error messages)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path, kind = list(stack.items())[-1]
+            kind = kind[1] if isinstance(kind, tuple) else kind
+            return f"{path} ({getattr(kind, '__name__', kind)})"
+        return f"{self.root}.forward"
 
     def flatten(self, node: fx.Node, name: str, start: int, end: int) -> str:
         rank = len(self.shape(node.args[0])) if isinstance(node.args[0], fx.Node) else 0
         if start != 1 or end not in (-1, rank - 1):
+            where = name if node.op == "call_module" else f"{node.name} in {self.where(node)}"
             raise ConfigError(
-                f"cannot export {name}: only flatten from dim 1 to the end is supported"
+                f"cannot export {where}: flatten({start}, {end}) is not supported, only "
+                "flatten from dim 1 to the end"
             )
         return self.g.op("Flatten", [self.arg(node)], name, axis=1)
 
@@ -585,6 +596,7 @@ class _Emitter:
             "weight_grid": [n_w, p_w],
             "weight_per_channel": bool(wq.per_channel),
             "input_int": None,
+            "input_float": None,
             "input_bits": None if aq is None else aq.bits,
             "input_grid": None if aq is None else list(aq.grid_range),
             "bn": None if bn_node is None else str(bn_node.target),
@@ -592,7 +604,7 @@ class _Emitter:
         self.report.layers.append(row)
         if integer:
             xq, s_a, zp = self.input_qdq(name, aq, x, dequantize=False)
-            row["input_int"] = xq
+            row["input_int"], row["input_float"] = xq, self.last_float
             scale = np.broadcast_to(step, (cout,)) * s_a
             if bn_g is not None:
                 scale = scale * bn_g
@@ -614,7 +626,7 @@ class _Emitter:
 
         if aq is not None:
             x, _, _ = self.input_qdq(name, aq, x)
-            row["input_int"] = self.last_int
+            row["input_int"], row["input_float"] = self.last_int, self.last_float
         scale, axis = step, 0
         if bn_g is not None and bn_in_scale:
             scale = np.broadcast_to(step, (cout,)) * bn_g
@@ -649,6 +661,7 @@ class _Emitter:
         if aq is None or not aq.enabled:
             return x, None, None
         g = self.g
+        self.last_float = x
         n, p = aq.grid_range
         dtype, (lo, hi) = _int_type(n < 0)
         s = float(aq.current_step().detach())
