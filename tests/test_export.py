@@ -261,8 +261,10 @@ def test_integer_format_reproduces_qw_exactly(tmp_path, name, gran):
     assert json.loads(manifest_path.read_text())["format"] == "qatlab-int-1"
     # float state for the rest of the model (BN, biases), never the latent weights
     assert any(k.endswith("running_var") for k in manifest["float_tensors"])
-    assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in reference
-                   for k in manifest["float_tensors"])
+    assert not any(
+        k.endswith(".weight") and k.rsplit(".", 1)[0] in reference
+        for k in manifest["float_tensors"]
+    )
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -345,8 +347,9 @@ def test_cli_export_onnx_and_int(tmp_path, capsys):
 def test_cli_unsupported_model_is_one_line_exit_2_no_file(tmp_path, capsys):
     from qatlab.cli import main
 
-    run, _ = _checkpoint(tmp_path, "vit_tiny", (1, 40), {"dim": 16, "depth": 1, "heads": 2},
-                         {"weight_bits": 4})
+    run, _ = _checkpoint(
+        tmp_path, "vit_tiny", (1, 40), {"dim": 16, "depth": 1, "heads": 2}, {"weight_bits": 4}
+    )
     out = tmp_path / "exp"
     out.mkdir()
     code = main(["export", str(run), "--out", str(out / "m.onnx")])

@@ -107,8 +107,12 @@ def to_integer(
 def _is_int_key(key: str, rows: list[dict]) -> bool:
     for row in rows:
         prefix = f"{row['name']}." if row["name"] else ""
-        if key in (f"{prefix}weight_int", f"{prefix}weight_step", f"{prefix}input_step",
-                   f"{prefix}input_offset"):
+        if key in (
+            f"{prefix}weight_int",
+            f"{prefix}weight_step",
+            f"{prefix}input_step",
+            f"{prefix}input_offset",
+        ):
             return True
     return False
 

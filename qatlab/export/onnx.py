@@ -635,8 +635,11 @@ class _Emitter:
         zp_shape = () if np.ndim(scale) == 0 else (cout,)
         w_deq = g.op(
             "DequantizeLinear",
-            [w_name, g.const(f"{name}.weight_scale", _f32(scale)),
-             g.const(f"{name}.weight_zero_point", np.zeros(zp_shape, np.int8))],
+            [
+                w_name,
+                g.const(f"{name}.weight_scale", _f32(scale)),
+                g.const(f"{name}.weight_zero_point", np.zeros(zp_shape, np.int8)),
+            ],
             f"{name}.weight",
             axis=axis,
         )
@@ -676,8 +679,11 @@ class _Emitter:
             q = g.op("QuantizeLinear", [x, s_name, zp], f"{name}.input_q")
             q = g.op(
                 "Clip",
-                [q, g.const(f"{name}.grid_min", np.array(n, dtype)),
-                 g.const(f"{name}.grid_max", np.array(p, dtype))],
+                [
+                    q,
+                    g.const(f"{name}.grid_min", np.array(n, dtype)),
+                    g.const(f"{name}.grid_max", np.array(p, dtype)),
+                ],
                 base,
             )
         else:
