@@ -199,7 +199,7 @@ class _Graph:
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = self.name(base)
-        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.inits.append(self.numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
     def op(self, op: str, inputs: list[str], base: str, **attrs) -> str:
