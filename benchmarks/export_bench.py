@@ -147,7 +147,16 @@ def main() -> int:
     parser.add_argument("--out", default="docs/results", help="export.md / export.json here")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="smoke run, not the page")
+    parser.add_argument(
+        "--page-only", action="store_true", help="rewrite export.md from export.json, no runs"
+    )
     args = parser.parse_args()
+    if args.page_only:
+        out = Path(args.out)
+        res = json.loads((out / "export.json").read_text())
+        (out / "export.md").write_text(page(res, res.get("argv", "")))
+        print(f"wrote {out / 'export.md'}")
+        return 0
     torch.set_num_threads(1)
     wall0 = time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -284,6 +293,7 @@ def main() -> int:
         print(f"latency {model_name} done ({time.time() - wall0:.0f} s)", flush=True)
 
     res["wall_s"] = time.time() - wall0
+    res["argv"] = " ".join(a for a in sys.argv[1:] if a != "--page-only")
     res["machine"] = {
         "cpu": _cpu(),
         "cores": os.cpu_count(),
@@ -298,7 +308,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
     (out / f"export{suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / f"export{suffix}.md").write_text(page(res, " ".join(sys.argv[1:])))
+    (out / f"export{suffix}.md").write_text(page(res, res["argv"]))
     print(f"wrote {out / f'export{suffix}.md'} ({res['wall_s'] / 60:.1f} min)")
     return 0
 
