@@ -27,6 +27,14 @@ What each quantized layer becomes (opset 17):
   ONNX. ``integer_ops=False`` writes every layer in the ``qdq`` form (what TensorRT/OpenVINO
   expect).
 
+With optimizations off, ONNX Runtime computes what qatlab's fake-quant forward computes (up to
+float rounding at ``.5`` ties). Its optimizer (already at the basic level) quantizes the float
+bias of every ``qdq`` conv to int32 at scale ``s_x * s_w``, as ``QLinearConv`` needs; that moves
+outputs by up to half an accumulator step, which is negligible at 8 bits and visible (a few
+tenths of an output step) at 4 bits and below. The ``integer`` form keeps its bias in float.
+On ONNX Runtime's CPU, ``ConvInteger`` is slower than a float conv, so ``integer_ops=False``
+gives the faster graph there (see docs/results/export.md).
+
 BatchNorm after a Conv/Linear (its only user) is folded in eval mode: into the dequantize scale
 (``s_w * gamma / sigma``, so the integers stay the quantizer's) when every ``gamma / sigma > 0``,
 into the float ``Mul`` of the integer form always, into the weights of float layers; anything
