@@ -654,14 +654,11 @@ class _Emitter:
         if bn_g is not None and not bn_in_scale:  # negative gamma: BN stays a float op
             bias = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(cout)
         b_name = g.const(f"{name}.bias", _f32(bias))
-        if is_conv:
-            y = g.op("Conv", [x, w_deq, b_name], name, **attrs)
-        else:
-            y = g.op("Gemm", [x, w_deq, b_name], name, transB=1)
         if bn_g is not None and not bn_in_scale:
-            row["bn"] = None
-            return y  # the BN node is emitted by itself afterwards (kept in float)
-        return y
+            row["bn"] = None  # the BN node is then written by itself, in float
+        if is_conv:
+            return g.op("Conv", [x, w_deq, b_name], name, **attrs)
+        return g.op("Gemm", [x, w_deq, b_name], name, transB=1)
 
     def fold_done(self, bn_node: fx.Node) -> None:
         self.folded_bn.add(bn_node)
