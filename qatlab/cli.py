@@ -170,6 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX (runs in ONNX Runtime) or to integer weights",
+        description="Export a run's model (RUN_DIR: its best.pt, else ckpt.pt) or a checkpoint. "
+        "onnx: QuantizeLinear/DequantizeLinear with the quantizer's integer weights, BatchNorm "
+        "folded, checked by onnx.checker; input 'input', output 'output'. int: int8 weights, "
+        "step sizes and bit widths per layer in a weights_only torch file plus a JSON manifest, "
+        "for custom runtimes.",
+    )
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run folder or a checkpoint")
+    p.add_argument("--format", default="onnx", choices=("onnx", "int"), help="default: onnx")
+    p.add_argument(
+        "--out",
+        help="output file (default: beside the checkpoint, best.onnx or best.int.pt, whose "
+        "manifest is best.int.json)",
+    )
+    p.add_argument(
+        "--qdq-only",
+        action="store_true",
+        help="onnx: write every layer as DequantizeLinear + float Conv/Gemm (no ConvInteger/"
+        "MatMulInteger), for runtimes that only read QDQ graphs",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
         "compare",
         help="run a comparison grid (methods x bits x seeds ...), resumable, with a report",
         description="Run every cell of a comparison grid (a YAML file or a preset: "
@@ -434,6 +458,40 @@ def cmd_measure(args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else Path(doc["checkpoint"]).parent
     print(f"wrote {out / 'measures.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from qatlab.errors import CheckpointError
+    from qatlab.export import to_integer, to_onnx
+    from qatlab.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    source = Path(args.source)
+    ckpt_path = source
+    if source.is_dir():
+        found = [source / n for n in ("best.pt", "ckpt.pt") if (source / n).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"{source} holds no best.pt or ckpt.pt; pass a run folder written by qatlab "
+                "train, or a checkpoint file"
+            )
+        ckpt_path = found[0]
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    spec = ckpt["model_spec"]
+    suffix = ".onnx" if args.format == "onnx" else ".int.pt"
+    out = Path(args.out) if args.out else ckpt_path.with_name(ckpt_path.stem + suffix)
+    if args.format == "onnx":
+        example = torch.zeros(1, *spec["input_shape"])
+        report = to_onnx(model, example, out, integer_ops=not args.qdq_only)
+        for line in report.lines():
+            print(line)
+        print(f"wrote {out}")
+    else:
+        tensors, manifest = to_integer(model, out, spec)
+        print(f"wrote {tensors} and {manifest}")
     return 0
 
 
