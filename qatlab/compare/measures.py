@@ -51,7 +51,14 @@ class CellContext:
         best = self.run_dir / "best.pt"
         path = best if self.cfg.train.restore_best and best.is_file() else self.run_dir / "ckpt.pt"
         ckpt = self.checkpoint if path.name == "ckpt.pt" else load_checkpoint(path)
-        return model_from_checkpoint(ckpt, path).eval()
+        return model_from_checkpoint(ckpt, path).eval().to(self.device)
+
+    @cached_property
+    def device(self):
+        """Where follow-ups run: the cell's ``train.device`` (``auto``: the GPU if any)."""
+        from qatlab.train.distributed import resolve_device
+
+        return resolve_device(self.cfg.train.device)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -137,8 +144,8 @@ def crossbit(ctx: CellContext, bits: list = (2, 3, 4, 8), final: bool = False) -
 
     out = row(ctx.model(), "xb_")
     if final:
-        last = model_from_checkpoint(ctx.checkpoint, ctx.run_dir / "ckpt.pt").eval()
-        out.update(row(last, "xbf_"))
+        last = model_from_checkpoint(ctx.checkpoint, ctx.run_dir / "ckpt.pt")
+        out.update(row(last.eval().to(ctx.device), "xbf_"))
     return out
 
 
@@ -175,7 +182,7 @@ def oscillation(
     saved = ctx.checkpoint.get("hooks") or []
     if ctx.cfg.quant is None or not saved:
         return {}
-    model = model_from_checkpoint(ctx.checkpoint, ctx.run_dir / "ckpt.pt")
+    model = model_from_checkpoint(ctx.checkpoint, ctx.run_dir / "ckpt.pt").to(ctx.device)
     hooks = build_hooks(ctx.cfg.method.name, ctx.cfg.method.options, model, ctx.cfg.quant, 1)
     trackers = []
     for hook, state in zip(hooks, saved, strict=False):  # the method's hooks, as they ended

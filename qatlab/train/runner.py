@@ -173,11 +173,14 @@ def evaluate_checkpoint(
     bn_reestimate: bool = False,
     batch_size: int = 512,
     data_dir: str | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Accuracy and loss of a saved model on one split (``test``, ``val`` or ``train``)."""
+    """Accuracy and loss of a saved model on one split (``test``, ``val`` or ``train``), on
+    ``device`` (``auto``: the GPU if there is one)."""
     attr = _split(split)
+    where = resolve_device(device)  # a bad device: one line before anything is loaded
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
+    model = model_from_checkpoint(ckpt, path).to(where)
     data = checkpoint_data(ckpt, path, data_dir)
     if bn_reestimate:
         reestimate_bn(model, _calib_batches(data, batch_size), 50)
@@ -210,7 +213,8 @@ def ptq_sweep(
     then the model post-training quantized at each bit width (calibrated on
     ``calib_batches`` training batches). ``act_bits``: ``"same"`` as the weights, a fixed
     width, or ``None`` for weights only. A QAT model is first turned back into its latent
-    float model, and also reported as trained."""
+    float model, and also reported as trained. Everything runs where ``model`` is (move it to
+    the GPU first to sweep there)."""
     dataset = getattr(data, _split(split))
     rows = []
     if is_quantized(model):
