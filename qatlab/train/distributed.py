@@ -114,16 +114,21 @@ def barrier(info: Dist) -> None:
 def wrap_model(model: torch.nn.Module, info: Dist) -> torch.nn.Module:
     """``model`` in DistributedDataParallel when several processes train it, else itself.
 
-    ``broadcast_buffers=False``: DDP's default broadcasts rank 0's buffers before every forward
-    pass, which the loop does not need: synchronized BatchNorm keeps the running statistics
-    equal on every rank, and :func:`sync_buffers` copies rank 0's at each epoch end (without
-    sync BN, rank 0's statistics are the EMA of its own batches either way)."""
+    No per-forward buffer sync (``forward_sync_buffers``/``broadcast_buffers`` False): DDP's
+    default broadcasts rank 0's buffers before every forward pass, which the loop does not
+    need: synchronized BatchNorm keeps the running statistics equal on every rank, and
+    :func:`sync_buffers` copies rank 0's at each epoch end (without sync BN, rank 0's
+    statistics are the EMA of its own batches either way)."""
     if not info.enabled:
         return model
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=ids, broadcast_buffers=False
-    )
+    # newer torch names the option forward_sync_buffers (and deprecates broadcast_buffers)
+    newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+    no_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+    return ddp(model, device_ids=ids, **no_sync)
 
 
 # ----------------------------------------------------------------------------- BatchNorm
