@@ -469,7 +469,9 @@ def test_device_flag_without_a_gpu_is_one_line(args, capsys):
         pytest.skip("a GPU is present")
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["qatlab: error: train.device is cuda but no CUDA GPU is available; use cpu or auto"]
+    assert err == [
+        "qatlab: error: train.device is cuda but no CUDA GPU is available; use cpu or auto"
+    ]
 
 
 def test_eval_and_ptq_run_on_the_device_asked_for(tiny_data_config, tmp_path, capsys):

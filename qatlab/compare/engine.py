@@ -32,9 +32,7 @@ BACKENDS = ("local", "ray")
 
 
 # ----------------------------------------------------------------------------- one cell
-def cell_config(
-    cell: Cell, cells_dir: str | Path, device: str | None = None
-) -> dict[str, Any]:
+def cell_config(cell: Cell, cells_dir: str | Path, device: str | None = None) -> dict[str, Any]:
     """The run config of ``cell`` inside ``cells_dir`` (its dependency's ``best.pt`` as
     ``init_from``; ``device``, if given, as ``train.device``: a run-time choice, not part of
     the grid, and resumable)."""
@@ -459,9 +457,7 @@ def run_grid(
         }
 
 
-def _backend(
-    name: str, workers: int, threads: int, address: str | None, device: str | None = None
-):
+def _backend(name: str, workers: int, threads: int, address: str | None, device: str | None = None):
     if name == "ray":
         return RayBackend(workers, threads, address, device)
     return LocalBackend(workers, threads, device)
