@@ -280,7 +280,7 @@ class IterativeFreezing(OscillationTracker):
                 new = (self.buffer(name, "freq") > threshold) & ~frozen
                 frozen_int = self.buffer(name, "frozen_int")
                 rounded = self.buffer(name, "ema_int").round().to(torch.int8)
-                frozen_int.copy_(torch.where(new, rounded, frozen_int))
+                torch.where(new, rounded, frozen_int, out=frozen_int)
                 frozen |= new
             self.write_back(layers)
         if self.log_every and (step + 1) % self.log_every == 0:
@@ -295,7 +295,7 @@ class IterativeFreezing(OscillationTracker):
             value = layers[name].weight_quantizer.from_integer(
                 self.buffer(name, "frozen_int"), weight
             )
-            weight.data.copy_(torch.where(self.buffer(name, "frozen"), value, weight.data))
+            torch.where(self.buffer(name, "frozen"), value, weight.data, out=weight.data)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
