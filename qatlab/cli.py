@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--data-dir", help="where the dataset lives now (if it moved)")
+    p.add_argument("--device", default="auto", help="auto (the GPU if any), cpu or cuda")
     p.add_argument("--out", help="JSON file to write (default: next to the checkpoint)")
     p.set_defaults(func=cmd_eval)
 
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-reestimate", action="store_true")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto", help="auto (the GPU if any), cpu or cuda")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -208,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores/workers)")
     p.add_argument("--backend", default="local", help="local (worker processes) or ray")
     p.add_argument("--address", help="ray: address of an existing cluster (default: local)")
+    p.add_argument(
+        "--device",
+        help="auto, cpu or cuda for every cell's training and follow-ups (default: each "
+        "cell's train.device); not part of the grid, so a comparison resumes on another device",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     p.add_argument(
@@ -340,6 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bn_reestimate=args.bn_reestimate,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
+        device=args.device,
     )
     write_json(out, result)
     print(
@@ -354,6 +362,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     from qatlab.quant import QuantConfig
     from qatlab.train.checkpoint import load_checkpoint, model_from_checkpoint
     from qatlab.train.config import parse_override
+    from qatlab.train.distributed import resolve_device
     from qatlab.train.metrics import write_csv, write_json
     from qatlab.train.runner import checkpoint_data, ptq_sweep
 
@@ -373,10 +382,11 @@ def cmd_ptq(args: argparse.Namespace) -> int:
         )
     if args.calib_batches < 1:
         raise ConfigError(f"--calib-batches must be >= 1, got {args.calib_batches}")
+    device = resolve_device(args.device)
     ckpt_path = Path(args.checkpoint)
     prefix = Path(args.out) if args.out else ckpt_path.parent / f"ptq-{ckpt_path.stem}"
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device)
     data = checkpoint_data(ckpt, ckpt_path, args.data_dir)
     rows = ptq_sweep(
         model,
@@ -506,6 +516,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from qatlab.compare.spec import load_grid
 
     grid = load_grid(args.grid, args.overrides)  # every cell checked before anything runs
+    if args.device is not None:
+        from qatlab.train.distributed import resolve_device
+
+        resolve_device(args.device)  # cuda without a GPU: one line before anything runs
     out = Path(args.out) if args.out else Path("runs/compare") / grid.name
     if args.dry_run:
         from qatlab.compare.engine import cell_status, prepare_folder
@@ -533,6 +547,7 @@ def _compare(grid, out: Path, source: str, args: argparse.Namespace) -> int:
         threads=getattr(args, "threads", None),
         retry_failed=getattr(args, "retry_failed", False),
         progress=not args.quiet,
+        device=getattr(args, "device", None),
     )
     table = build_report(out)
     print(table)

@@ -32,18 +32,23 @@ BACKENDS = ("local", "ray")
 
 
 # ----------------------------------------------------------------------------- one cell
-def cell_config(cell: Cell, cells_dir: str | Path) -> dict[str, Any]:
+def cell_config(cell: Cell, cells_dir: str | Path, device: str | None = None) -> dict[str, Any]:
     """The run config of ``cell`` inside ``cells_dir`` (its dependency's ``best.pt`` as
-    ``init_from``)."""
+    ``init_from``; ``device``, if given, as ``train.device``: a run-time choice, not part of
+    the grid, and resumable)."""
     cfg = copy.deepcopy(cell.config)
     cfg.update(name=cell.name, out_dir=str(cells_dir))
     cfg.setdefault("train", {})["progress"] = False
+    if device is not None:
+        cfg["train"]["device"] = device
     if cell.depends_on is not None:
         cfg["init_from"] = str(Path(cells_dir) / cell.depends_on / "best.pt")
     return cfg
 
 
-def run_cell(cell_dict: dict[str, Any], cells_dir: str, threads: int = 0) -> dict[str, Any]:
+def run_cell(
+    cell_dict: dict[str, Any], cells_dir: str, threads: int = 0, device: str | None = None
+) -> dict[str, Any]:
     """Train (or resume, or reuse) one cell, run its follow-ups, write ``result.json``; any
     exception (divergence included) is written to ``failed.json`` instead. Returns
     ``{"status": "done"|"failed", "cell": name, "row"|"reason": ...}``."""
@@ -62,7 +67,7 @@ def run_cell(cell_dict: dict[str, Any], cells_dir: str, threads: int = 0) -> dic
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (run_dir / "result.json").is_file():
             return {"status": "done", "cell": cell.name, "row": _read(run_dir / "result.json")}
-        row = _train_and_measure(cell, cells_dir)
+        row = _train_and_measure(cell, cells_dir, device)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, the grid goes on
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         write_json(
@@ -79,12 +84,12 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _train_and_measure(cell: Cell, cells_dir: str) -> dict[str, Any]:
+def _train_and_measure(cell: Cell, cells_dir: str, device: str | None = None) -> dict[str, Any]:
     from qatlab.compare.measures import CellContext, logged_stats, run_follow_up
     from qatlab.train.config import RunConfig
     from qatlab.train.runner import run
 
-    cfg = RunConfig.from_dict(cell_config(cell, cells_dir))
+    cfg = RunConfig.from_dict(cell_config(cell, cells_dir, device))
     summary_path = cfg.run_dir / "summary.json"
     if summary_path.is_file():  # trained, but killed during its follow-ups
         summary = json.loads(summary_path.read_text())
@@ -217,7 +222,7 @@ def _init_worker(threads: int, parent: int) -> None:
 class LocalBackend:
     """Spawned worker processes (``workers`` of them, ``threads`` torch threads each)."""
 
-    def __init__(self, workers: int, threads: int) -> None:
+    def __init__(self, workers: int, threads: int, device: str | None = None) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -227,10 +232,10 @@ class LocalBackend:
             initializer=_init_worker,
             initargs=(threads, os.getpid()),
         )
-        self.threads = threads
+        self.threads, self.device = threads, device
 
     def submit(self, cell: Cell, cells_dir: str):
-        return self.pool.submit(run_cell, cell.to_dict(), cells_dir, self.threads)
+        return self.pool.submit(run_cell, cell.to_dict(), cells_dir, self.threads, self.device)
 
     def wait(self, handles: list, timeout: float) -> list[tuple[Any, dict]]:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -253,7 +258,9 @@ class RayBackend:
     by default, a cluster with ``--address`` (qatlab installed on every node and ``--out`` on
     storage they all see)."""
 
-    def __init__(self, workers: int, threads: int, address: str | None = None) -> None:
+    def __init__(
+        self, workers: int, threads: int, address: str | None = None, device: str | None = None
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -273,10 +280,10 @@ class RayBackend:
                 env["PYTHONPATH"] = os.environ["PYTHONPATH"]
             ray.init(runtime_env={"env_vars": env}, **kwargs)
         self.remote = ray.remote(num_cpus=threads, max_retries=0)(run_cell)
-        self.threads = threads
+        self.threads, self.device = threads, device
 
     def submit(self, cell: Cell, cells_dir: str):
-        return self.remote.remote(cell.to_dict(), cells_dir, self.threads)
+        return self.remote.remote(cell.to_dict(), cells_dir, self.threads, self.device)
 
     def wait(self, handles: list, timeout: float) -> list[tuple[Any, dict]]:
         ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
@@ -359,10 +366,12 @@ def run_grid(
     retry_failed: bool = False,
     progress: bool = True,
     make_backend: Callable | None = None,
+    device: str | None = None,
 ) -> dict[str, int]:
     """Run every unfinished cell of ``grid`` into ``out`` (dependencies first); return the
     counts ``{"done", "failed", "ran"}``. Finished cells are never run again; failed ones only
-    with ``retry_failed``."""
+    with ``retry_failed``. ``device`` (auto/cpu/cuda) overrides every cell's ``train.device``
+    (training and follow-ups) without changing the grid."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if workers < 1:
@@ -391,7 +400,8 @@ def run_grid(
             prog.close()
             return {"done": n_done, "failed": n_failed, "ran": 0}
         threads = threads or default_threads(workers)
-        runner = (make_backend or _backend)(backend, workers, threads, address)
+        extra = {} if device is None else {"device": device}
+        runner = (make_backend or _backend)(backend, workers, threads, address, **extra)
         events = out / "events.jsonl"
         running: dict[Any, tuple[Cell, float]] = {}
         ran = 0
@@ -447,10 +457,10 @@ def run_grid(
         }
 
 
-def _backend(name: str, workers: int, threads: int, address: str | None):
+def _backend(name: str, workers: int, threads: int, address: str | None, device: str | None = None):
     if name == "ray":
-        return RayBackend(workers, threads, address)
-    return LocalBackend(workers, threads)
+        return RayBackend(workers, threads, address, device)
+    return LocalBackend(workers, threads, device)
 
 
 def _event(path: Path, kind: str, cell: str, reason: str | None = None) -> None:

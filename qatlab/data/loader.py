@@ -55,15 +55,33 @@ class ArrayDataset(Dataset):
         """The same samples (shared storage) with augmentation switched off."""
         return ArrayDataset(self.x, self.y, None)
 
+    def tensors_on(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` on ``device``, copied there once and kept (batches are then gathered and
+        augmented on that device, with no host-to-device copy per batch)."""
+        device = torch.device(device)
+        if self.x.device == device:
+            return self.x, self.y
+        cached = getattr(self, "_on_device", None)
+        if cached is None or cached[0] is not self.x or cached[1].device != device:
+            cached = (self.x, self.x.to(device), self.y.to(device))
+            self._on_device = cached
+        return cached[1], cached[2]
+
 
 class _ArrayLoader:
     """Batches gathered from an :class:`ArrayDataset`'s tensors; identical on every pass."""
 
     def __init__(
-        self, ds: ArrayDataset, batch_size: int, order: Tensor, drop_last: bool, seeds: tuple
+        self,
+        ds: ArrayDataset,
+        batch_size: int,
+        order: Tensor,
+        drop_last: bool,
+        seeds: tuple,
+        device: torch.device | None = None,
     ) -> None:
         self.dataset, self.batch_size, self.order = ds, batch_size, order
-        self.drop_last, self.seeds = drop_last, seeds
+        self.drop_last, self.seeds, self.device = drop_last, seeds, device
 
     def __len__(self) -> int:
         n = len(self.order)
@@ -71,12 +89,14 @@ class _ArrayLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         ds = self.dataset
+        xs, ys = (ds.x, ds.y) if self.device is None else ds.tensors_on(self.device)
+        order = self.order.to(xs.device)
         for b in range(len(self)):
-            idx = self.order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = ds.x[idx]
-            if ds.augment is not None:
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = xs[idx]
+            if ds.augment is not None:  # random draws from a CPU generator: same on any device
                 x = ds.augment(x, torch.Generator().manual_seed(stream_seed(*self.seeds, b)))
-            yield x, ds.y[idx]
+            yield x, ys[idx]
 
 
 class _SeededItems(Dataset):
@@ -114,6 +134,9 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterable[tuple[Tensor, Tensor]]:
     """Batches ``(x, y)`` of ``dataset``; order and augmentation depend only on (seed, epoch).
 
@@ -123,6 +146,12 @@ def make_loader(
     again with identical batches. :class:`ArrayDataset` batches are sliced from its tensors and
     augmented per batch; any other dataset goes through a ``DataLoader`` (augmenting items
     through the dataset's ``augment`` attribute, if it has one, with seeded generators).
+
+    ``device``: :class:`ArrayDataset` batches are gathered and augmented there (its tensors
+    copied there once), e.g. on the GPU; the batches hold the same numbers as on the CPU.
+    ``num_workers``/``pin_memory`` go to the ``DataLoader`` of other datasets (workers decode
+    items in parallel; pinned batches copy to the GPU asynchronously). Items are augmented
+    with per-item seeds, so workers change nothing in the numbers.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -138,11 +167,14 @@ def make_loader(
         order = order.repeat(-(-per * world_size // n))[: per * world_size][rank::world_size]
     seeds = (seed, epoch, rank)
     if isinstance(dataset, ArrayDataset):
-        return _ArrayLoader(dataset, batch_size, order, drop_last, seeds)
+        where = None if device is None else torch.device(device)
+        return _ArrayLoader(dataset, batch_size, order, drop_last, seeds, where)
     return DataLoader(
         _SeededItems(dataset, order.tolist(), seeds),
         batch_size=batch_size,
         shuffle=False,
         drop_last=drop_last,
-        num_workers=0,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
     )

@@ -96,10 +96,12 @@ class OscillationTracker(nn.Module, Hook):
         for name in self.layer_names:
             k = _key(name)
             w_int = self.transitions.previous(name)
+            # every buffer on the weights' device (w_int lives there), so a user's own loop
+            # needs no .to() of the hook before stepping
             self.register_buffer(f"{k}__dir", torch.zeros_like(w_int))
-            self.register_buffer(f"{k}__freq", torch.zeros(w_int.shape))
+            self.register_buffer(f"{k}__freq", torch.zeros_like(w_int, dtype=torch.float32))
             self.register_buffer(f"{k}__ema_int", w_int.float())
-            self.register_buffer(f"{k}__flips", torch.zeros(w_int.shape, dtype=torch.int32))
+            self.register_buffer(f"{k}__flips", torch.zeros_like(w_int, dtype=torch.int32))
 
     def buffer(self, name: str, kind: str) -> Tensor:
         return getattr(self, f"{_key(name)}__{kind}")
@@ -218,6 +220,10 @@ class IterativeFreezing(OscillationTracker):
     A frozen weight's latent value is written back as ``s * frozen_int`` after every step and
     its task gradient is masked to zero, so its integer never changes again — through
     checkpoints, inspection and export, which all read the latent weight.
+
+    The step does no host-device sync: new freezes and the write-back are masked tensor ops
+    (no ``any()``, no boolean indexing). Before the threshold first opens nothing can be
+    frozen, so the write-back is skipped then (a Python flag, not a read of the mask).
     """
 
     def __init__(
@@ -235,9 +241,13 @@ class IterativeFreezing(OscillationTracker):
         self.threshold_end = threshold_end
         self.start = start
         for name in self.layer_names:
-            shape = self.transitions.previous(name).shape
-            self.register_buffer(f"{_key(name)}__frozen", torch.zeros(shape, dtype=torch.bool))
-            self.register_buffer(f"{_key(name)}__frozen_int", torch.zeros(shape, dtype=torch.int8))
+            w_int = self.transitions.previous(name)  # on the weights' device
+            self.register_buffer(f"{_key(name)}__frozen", torch.zeros_like(w_int, dtype=torch.bool))
+            self.register_buffer(
+                f"{_key(name)}__frozen_int", torch.zeros_like(w_int, dtype=torch.int8)
+            )
+        # False while no weight can be frozen (fresh, threshold still closed): skip write-backs
+        self._may_be_frozen = False
         self._hooked: dict[str, object] = {}
         self.attach(model)
 
@@ -259,17 +269,19 @@ class IterativeFreezing(OscillationTracker):
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict | None:
         layers = dict(quant_layers(model))
-        self.write_back(layers)  # the optimizer may have moved frozen weights
+        if self._may_be_frozen:
+            self.write_back(layers)  # the optimizer may have moved frozen weights
         self.update(model, step)
         threshold = self.threshold_at(step, total_steps)
         if math.isfinite(threshold):
+            self._may_be_frozen = True
             for name in self.layer_names:
                 frozen = self.buffer(name, "frozen")
                 new = (self.buffer(name, "freq") > threshold) & ~frozen
-                if new.any():
-                    ema = self.buffer(name, "ema_int")
-                    self.buffer(name, "frozen_int")[new] = ema[new].round().to(torch.int8)
-                    frozen |= new
+                frozen_int = self.buffer(name, "frozen_int")
+                rounded = self.buffer(name, "ema_int").round().to(torch.int8)
+                torch.where(new, rounded, frozen_int, out=frozen_int)
+                frozen |= new
             self.write_back(layers)
         if self.log_every and (step + 1) % self.log_every == 0:
             return {"osc_share": self.oscillating_share(), "frozen_share": self.frozen_share()}
@@ -279,14 +291,15 @@ class IterativeFreezing(OscillationTracker):
     def write_back(self, layers: dict[str, QuantLayer]) -> None:
         """Set every frozen latent weight to ``s * frozen_int`` at the current step size."""
         for name in self.layer_names:
-            frozen = self.buffer(name, "frozen")
-            if not frozen.any():
-                continue
-            layer = layers[name]
-            value = layer.weight_quantizer.from_integer(
-                self.buffer(name, "frozen_int"), layer.weight
+            weight = layers[name].weight
+            value = layers[name].weight_quantizer.from_integer(
+                self.buffer(name, "frozen_int"), weight
             )
-            layer.weight.data.copy_(torch.where(frozen, value, layer.weight.data))
+            torch.where(self.buffer(name, "frozen"), value, weight.data, out=weight.data)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._may_be_frozen = True  # loaded masks may hold frozen weights
 
     def frozen(self, name: str) -> Tensor:
         """Boolean mask of the frozen weights of layer ``name``."""

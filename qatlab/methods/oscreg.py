@@ -94,7 +94,7 @@ class OscillationRegularizer(nn.Module, Hook):
                 continue
             self.quantizers[name.replace(".", "__")] = Quantizer(
                 target_bits, signed=True, grid=grid, scale=scale, role="weight"
-            )
+            ).to(layer.weight.device)  # its buffers beside the weights, wherever they live
         self._used: set[str] = set()
         self._reg_grads: dict[str, Tensor] = {}
         self._handles = [

@@ -10,6 +10,7 @@ config), ``epoch``; ``ckpt.pt`` adds the training state (``optimizer``, ``hooks`
 from __future__ import annotations
 
 import io
+import os
 import random
 import warnings
 from pathlib import Path
@@ -105,7 +106,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG state a training step can touch, in a form ``weights_only`` loading accepts."""
+    """Every RNG state a training step can touch, in a form ``weights_only`` loading accepts.
+
+    ``cuda`` lists one generator state per visible GPU (index = device index);
+    :func:`set_rng_state` restores those of the GPUs that exist when resuming."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -113,16 +117,42 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
+    """Restore what :func:`rng_state` saved.
+
+    CUDA generators are restored by device index for the GPUs visible now, so a checkpoint
+    saved with 8 GPUs visible resumes with fewer (the states of absent GPUs are dropped) or
+    on the CPU, and one saved with fewer leaves the other GPUs' generators as seeded."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and torch.cuda.is_available():
+        for index, gen_state in enumerate(list(saved)[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gen_state, index)
+
+
+def set_deterministic(enabled: bool, device: torch.device | str = "cpu") -> None:
+    """Make CUDA runs repeat bit for bit (what exact resume needs) or let them run fast.
+
+    ``enabled``: cuDNN picks deterministic algorithms without benchmarking, TF32 matmuls and
+    convolutions are off, and ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    warns about any op without a deterministic kernel (``CUBLAS_WORKSPACE_CONFIG`` is set for
+    cuBLAS if the user has not set it). Off: cuDNN benchmarking and TF32 on (fast, not
+    repeatable). CPU runs are deterministic either way; nothing is changed for them.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cuda.matmul.allow_tf32 = not enabled
+    torch.backends.cudnn.allow_tf32 = not enabled
+    torch.use_deterministic_algorithms(enabled, warn_only=True)

@@ -172,6 +172,12 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # CUDA: deterministic cuDNN/cuBLAS kernels, no TF32, so a run (and its exact resume)
+    # repeats bit for bit; False: cuDNN benchmarking and TF32 (faster). No effect on the CPU.
+    deterministic: bool = True
+    # DataLoader workers for datasets read item by item (ImageFolder); None = 0 on the CPU,
+    # up to 4 (per process) on CUDA. In-memory datasets never need workers.
+    num_workers: int | None = None
     log_every: int = 0  # also log train loss/LR every N steps (0 = per epoch only)
     log_transitions: bool = True  # quantized runs: log the transition rate ``tr`` per epoch
     divergence_factor: float = 100.0  # stop when the loss exceeds this x the first (0 = never)
@@ -229,6 +235,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.patience is not None:
             positive("train.patience", self.patience)
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0 or null, got {self.num_workers}")
         return self
 
     def resolve_lr(self, value: float | str | None) -> float | None:

@@ -115,11 +115,12 @@ class RunContext:
     def batch_size(self) -> int:
         return self.cfg.train.batch_size
 
-    @property
+    @cached_property
     def device(self):
-        import torch
+        """Where measures run: the run's ``train.device`` (``auto``: the GPU if any)."""
+        from qatlab.train.distributed import resolve_device
 
-        return torch.device("cpu")
+        return resolve_device(self.cfg.train.device)
 
     @cached_property
     def data(self):
@@ -130,14 +131,14 @@ class RunContext:
 
     def model(self):
         """A fresh copy of the measured model, in eval mode."""
-        return model_from_checkpoint(self.checkpoint, self.model_path).eval()
+        return model_from_checkpoint(self.checkpoint, self.model_path).eval().to(self.device)
 
     def final_model(self):
         """A fresh copy of the model at the end of the last epoch (``ckpt.pt``), or None."""
         last = self.run_dir / "ckpt.pt"
         if not last.is_file():
             return None
-        return model_from_checkpoint(self._load(last), last).eval()
+        return model_from_checkpoint(self._load(last), last).eval().to(self.device)
 
     def init_state(self) -> dict[str, Any] | None:
         """The state dict at step 0 (``init.pt``), or None if the run kept none."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,17 @@ def sync_buffers(module: torch.nn.Module, info: Dist) -> None:
             dist.broadcast(buf, src=0)
 
 
+def broadcast_object(obj: Any, info: Dist) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself for one process. What every
+    rank decides from (early stopping, best epoch, divergence) goes through here once an
+    epoch, so no rank can stop while another waits for it in a collective."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: Dist) -> None:
     """Wait for every process (so no rank reads a checkpoint rank 0 is still writing)."""
     if info.enabled:
@@ -100,20 +112,33 @@ def barrier(info: Dist) -> None:
 
 
 def wrap_model(model: torch.nn.Module, info: Dist) -> torch.nn.Module:
-    """``model`` in DistributedDataParallel when several processes train it, else itself."""
+    """``model`` in DistributedDataParallel when several processes train it, else itself.
+
+    No per-forward buffer sync (``forward_sync_buffers``/``broadcast_buffers`` False): DDP's
+    default broadcasts rank 0's buffers before every forward pass, which the loop does not
+    need: synchronized BatchNorm keeps the running statistics equal on every rank, and
+    :func:`sync_buffers` copies rank 0's at each epoch end (without sync BN, rank 0's
+    statistics are the EMA of its own batches either way)."""
     if not info.enabled:
         return model
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # newer torch names the option forward_sync_buffers (and deprecates broadcast_buffers)
+    newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+    no_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+    return ddp(model, device_ids=ids, **no_sync)
 
 
 # ----------------------------------------------------------------------------- BatchNorm
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch (all processes).
 
-    ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so this one reduces with the
-    differentiable ``torch.distributed.nn.functional.all_reduce`` (gloo or nccl): two passes
-    (mean, then variance around it) in float64, so N processes with batch B train like one
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so this one (used on the CPU, with gloo;
+    :func:`sync_batchnorm` picks PyTorch's on CUDA) reduces with the differentiable
+    ``torch.distributed.nn.functional.all_reduce``: two passes (sum and count in one call, then
+    the variance around the mean) in float64, so N processes with batch B train like one
     process with batch N*B. Outside a multi-process group, or in eval mode, it is a plain
     BatchNorm; its state dict is a BatchNorm's, so checkpoints load into either.
     """
@@ -133,8 +158,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         xd = x.double()
-        count = all_reduce(xd.new_tensor(float(x.numel() // x.shape[1])))
-        mean = all_reduce(xd.sum(dims)) / count
+        local = torch.cat([xd.sum(dims), xd.new_full((1,), float(x.numel() // x.shape[1]))])
+        total = all_reduce(local)  # per-channel sums and the sample count, one collective
+        count = total[-1]
+        mean = total[:-1] / count
         var = all_reduce((xd - mean.view(shape)).pow(2).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
@@ -153,12 +180,24 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-def sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm layer of ``model`` a :class:`SyncBatchNorm` (in place: same
-    parameters and buffers, so call it before building the optimizer); returns ``model``."""
+def sync_batchnorm(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Make every BatchNorm layer of ``model`` synchronized over processes (in place: same
+    parameters and buffers, so call it before building the optimizer); returns ``model``.
+
+    On CUDA (``device``, default: where the model's parameters are) the layers become
+    PyTorch's ``nn.SyncBatchNorm`` (fused kernels, float32, one all-gather of the statistics);
+    on the CPU, where that one refuses to run, qatlab's :class:`SyncBatchNorm`."""
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    cuda = torch.device(device).type == "cuda"
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
             module, (SyncBatchNorm, nn.SyncBatchNorm)
         ):
-            module.__class__ = SyncBatchNorm
+            if cuda:
+                module.__class__ = nn.SyncBatchNorm
+                module.process_group = None  # the default (world) group
+            else:
+                module.__class__ = SyncBatchNorm
     return model

@@ -36,6 +36,7 @@ from qatlab.train.checkpoint import (
     rng_state,
     save_checkpoint,
     seed_everything,
+    set_deterministic,
     set_rng_state,
 )
 from qatlab.train.config import TrainConfig
@@ -56,7 +57,12 @@ RESUMABLE = (
     "eval_batch_size",
     "patience",
     "divergence_factor",
+    "deterministic",
+    "num_workers",
 )
+# steps between divergence checks (each a host sync, and a collective under torchrun) when
+# train.log_every is 0; otherwise the check runs at every logging step
+CHECK_EVERY = 50
 RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
 INIT_FILE = "init.pt"  # the model's state dict at step 0 (qatlab.measure's 'init' bounds)
 
@@ -194,6 +200,7 @@ def fit(
         raise ConfigError("resume=True needs the run_dir of the run to continue")
     run_claim = contextlib.ExitStack()  # run_dir is ours until fit returns (qatlab.train.rundir)
     dev = distributed.setup(cfg.device)
+    set_deterministic(cfg.deterministic, dev.device)
     hooks = list(hooks)
     log = None
     try:
@@ -236,6 +243,9 @@ def fit(
                 model, net, data, cfg, optimizer, hooks, counter, state, log, dev, total_steps
             )
             record.update(_eval(model, data, cfg, hooks, "val", epoch))
+            # every rank decides from rank 0's numbers (stop, best, divergence): ranks that
+            # disagreed would leave the others waiting in a collective
+            record = distributed.broadcast_object(record, dev)
             state.elapsed += time.perf_counter() - start
             record["time_s"] = round(time.perf_counter() - start, 3)
             records.append(record)
@@ -299,7 +309,11 @@ def _train_epoch(
     total_steps: int,
 ) -> dict[str, Any]:
     """One epoch of :func:`train_step`; returns the epoch record's training part (loss,
-    accuracy, LR and, for a quantized model, the mean transition rate ``tr`` and ``tr/<layer>``)."""
+    accuracy, LR and, for a quantized model, the mean transition rate ``tr`` and ``tr/<layer>``).
+
+    No host-device sync between logging steps: running sums stay on the device, and the
+    divergence check (a sync, plus an all-reduce under torchrun so every rank stops at the same
+    step) runs every ``cfg.log_every`` steps (:data:`CHECK_EVERY` if 0) and at the epoch end."""
     epoch = state.epoch + 1
     steps_per_epoch = total_steps // cfg.epochs
     net.train()
@@ -307,8 +321,11 @@ def _train_epoch(
     changed: dict[str, torch.Tensor] = {}  # per layer, summed over the epoch (no host sync)
     show_bar = cfg.progress and dev.is_main and sys.stderr.isatty()
     bar = _bar(show_bar, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+    check_every = cfg.log_every or CHECK_EVERY
+    first: torch.Tensor | None = None  # the run's first loss, read at the first check
+    loader = train_loader(data, cfg, epoch - 1, dev.rank, dev.world_size, dev.device)
     try:
-        for x, y in train_loader(data, cfg, epoch - 1, dev.rank, dev.world_size):
+        for x, y in loader:
             x = x.to(dev.device, non_blocking=True)
             y = y.to(dev.device, non_blocking=True)
             factor = lr_factor(cfg, state.step, steps_per_epoch, total_steps)
@@ -324,8 +341,8 @@ def _train_epoch(
                 for name, d in moves.direction.items():
                     moved = torch.count_nonzero(d)
                     changed[name] = changed[name] + moved if name in changed else moved
-            if state.first_loss is None:
-                state.first_loss = float(out.loss)
+            if state.first_loss is None and first is None:
+                first = out.loss.detach().clone()
             state.step += 1
             if cfg.log_every and state.step % cfg.log_every == 0:
                 logged = {**logged, "train_loss_step": float(out.loss), "lr": factor * cfg.lr}
@@ -333,15 +350,17 @@ def _train_epoch(
                     logged.update(moves.metrics())
             if logged and log is not None:
                 log.write({"epoch": epoch, "step": state.step, **_numbers(logged)})
-            if state.step % 10 == 0 and not dev.enabled:
-                _check_divergence({"train_loss": float(sums[0] / sums[2])}, state, cfg)
+            if state.step % check_every == 0:
+                loss = _running_loss(sums, first, state, dev)
+                _check_divergence({"train_loss": loss}, state, cfg)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
             if bar is not None:
                 bar.update(1)
-                if state.step % 10 == 0:
-                    bar.set_postfix(loss=f"{float(out.loss):.4f}")
     finally:
         if bar is not None:
             bar.close()
+    _agree_first_loss(first, state, dev)
     distributed.all_reduce_sum(sums, dev)
     distributed.sync_buffers(model, dev)
     record = {
@@ -357,6 +376,23 @@ def _train_epoch(
         record["tr"] = sum(counts.values()) / (max(sum(sizes.values()), 1) * steps_per_epoch)
         record.update({f"tr/{n}": c / (sizes[n] * steps_per_epoch) for n, c in counts.items()})
     return record
+
+
+def _agree_first_loss(first: torch.Tensor | None, state: TrainState, dev) -> None:
+    """Set ``state.first_loss`` (the scale divergence is judged by) from the first step's loss,
+    averaged over ranks so every rank judges by the same number."""
+    if state.first_loss is not None or first is None:
+        return
+    total = distributed.all_reduce_sum(first.detach().double().reshape(1), dev)
+    state.first_loss = float(total) / dev.world_size
+
+
+def _running_loss(sums: torch.Tensor, first: torch.Tensor | None, state: TrainState, dev) -> float:
+    """The epoch's mean training loss so far over all ranks (one sync; a collective under
+    torchrun, which every rank reaches at the same step)."""
+    _agree_first_loss(first, state, dev)
+    both = distributed.all_reduce_sum(torch.stack([sums[0], sums[2]]), dev)
+    return float(both[0] / both[1])
 
 
 def _check_divergence(record: dict[str, Any], state: TrainState, cfg: TrainConfig) -> None:
@@ -506,10 +542,25 @@ def _summary(
     return summary
 
 
-def train_loader(data, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1):
-    """The shuffled training batches of one epoch (0-based), a pure function of seed and epoch."""
+def train_loader(
+    data,
+    cfg: TrainConfig,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+):
+    """The shuffled training batches of one epoch (0-based), a pure function of seed and epoch.
+
+    On a CUDA ``device`` batches of in-memory data are gathered and augmented on the GPU
+    (same numbers as on the CPU); item-wise datasets are read by ``cfg.num_workers`` workers
+    (default up to 4) into pinned memory. Elsewhere: as before, in the training thread."""
     from qatlab.data import make_loader
 
+    cuda = device is not None and torch.device(device).type == "cuda"
+    workers = cfg.num_workers
+    if workers is None:
+        workers = min(4, max((os.cpu_count() or 1) // max(world_size, 1), 1)) if cuda else 0
     return make_loader(
         data.train,
         cfg.batch_size,
@@ -519,6 +570,9 @@ def train_loader(data, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: 
         drop_last=True,
         rank=rank,
         world_size=world_size,
+        device=device if cuda else None,
+        num_workers=workers,
+        pin_memory=cuda,
     )
 
 

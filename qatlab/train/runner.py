@@ -166,12 +166,15 @@ def evaluate_checkpoint(
     bn_reestimate: bool = False,
     batch_size: int = 512,
     data_dir: str | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Accuracy and loss of a saved model on one split (``test``, ``val`` or ``train``)."""
+    """Accuracy and loss of a saved model on one split (``test``, ``val`` or ``train``), on
+    ``device`` (``auto``: the GPU if there is one)."""
     if split not in SPLITS:  # bad input: one line before anything is loaded
         split_dataset(None, split)
+    where = resolve_device(device)
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
+    model = model_from_checkpoint(ckpt, path).to(where)
     data = checkpoint_data(ckpt, path, data_dir)
     if bn_reestimate:
         reestimate_bn(model, calib_loader(data, batch_size), 50)
