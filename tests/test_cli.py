@@ -176,8 +176,8 @@ def _bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
     return [
         (["train", "--dataset", "mnist2d"], "did you mean 'mnist1d'"),
         (["train", "--model", "resnet1000"], "model.name must be one of"),
-        (["train", "--wbits", "1"], "bit width must be an integer from 2 to 8, got 1"),
-        (["train", "--wbits", "4", "--abits", "9"], "bit width must be an integer from 2 to 8"),
+        (["train", "--wbits", "1"], "--wbits must be an integer from 2 to 8, got 1"),
+        (["train", "--wbits", "4", "--abits", "9"], "--abits must be an integer from 2 to 8, got 9"),
         (
             ["train", "--dataset", "cifar10", "--data-dir", str(tmp / "nowhere")],
             "CIFAR-10 not found",
@@ -186,7 +186,7 @@ def _bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--config", str(tmp / "broken.yaml")], "not valid YAML"),
         (["train", "--config", str(tmp / "missing.yaml")], "cannot read config file"),
         (["train", "--init-from", str(tmp / "truncated.pt")], "truncated"),
-        (["train", "--init-from", str(tmp / "garbage.pt")], "truncated or not a checkpoint"),
+        (["train", "--init-from", str(tmp / "garbage.pt")], "not a PyTorch checkpoint; pass a best.pt"),
         (["train", "--method", "dampn"], "unknown method 'dampn'"),
         (["train", "--set", "train.lr"], "--set expects key=value"),
         (["train", "--epoch", "3"], "unrecognized arguments"),
@@ -195,7 +195,7 @@ def _bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", "--checkpoint", str(tmp / "truncated.pt")], "truncated"),
         (["eval", "--checkpoint", str(tmp / "nothing.pt")], "no checkpoint file"),
         (["eval", "--checkpoint", ckpt, "--split", "tset"], "split must be one of"),
-        (["ptq", "--checkpoint", ckpt, "--bits", "1,4"], "bit width must be an integer"),
+        (["ptq", "--checkpoint", ckpt, "--bits", "1,4"], "--bits must be an integer from 2 to 8"),
         (["ptq", "--checkpoint", ckpt, "--bits", "four"], "comma-separated integers"),
         (["ptq", "--checkpoint", str(tmp / "garbage.pt")], "not a checkpoint"),
         (["ptq", "--checkpoint", ckpt, "--set", "weight_grid=ful"], "weight_grid must be one"),

@@ -329,7 +329,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.epochs=ten", "train.epochs must be an integer, got 'ten'"),
         ("train.progress=3", "train.progress must be true or false"),
         ("train.optimizer=adma", "did you mean 'adam'"),
-        ("quant.weight_bits=1", "bit width must be an integer from 2 to 8"),
+        ("quant.weight_bits=1", "weight_bits must be an integer from 2 to 8"),
         ("model.name=resnet1000", "model.name must be one of"),
         ("data.name=mnist2d", "did you mean 'mnist1d'"),
         ("method.name=dampn", "unknown method 'dampn'"),
