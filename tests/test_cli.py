@@ -197,7 +197,7 @@ def _bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", "--checkpoint", ckpt, "--split", "tset"], "split must be one of"),
         (["ptq", "--checkpoint", ckpt, "--bits", "1,4"], "--bits must be an integer from 2 to 8"),
         (["ptq", "--checkpoint", ckpt, "--bits", "four"], "comma-separated integers"),
-        (["ptq", "--checkpoint", str(tmp / "garbage.pt")], "not a checkpoint"),
+        (["ptq", "--checkpoint", str(tmp / "garbage.pt")], "not a PyTorch checkpoint"),
         (["ptq", "--checkpoint", ckpt, "--set", "weight_grid=ful"], "weight_grid must be one"),
         (["compare", "nosuchgrid"], "neither a grid file nor a preset"),
         (["report", str(tmp)], "not a qatlab comparison folder"),
