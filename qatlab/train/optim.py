@@ -193,6 +193,8 @@ def optimizer(
     The ``quant_*`` arguments override the recipe as ``train.quant_*`` do (an LR may be
     ``"<k>x"``, k times ``lr``; None = as the weights). Step sizes trained at the weights'
     learning rate by the weights' optimizer can collapse to zero from scratch: this is why.
+    (From scratch the trainer also starts the weight steps from LSQ's mean-abs init:
+    ``QuantConfig(weight_init="meanabs")`` before :func:`qatlab.quantize`.)
 
     Every group records its ``initial_lr``, so a schedule is one line per step::
 
