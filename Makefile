@@ -3,29 +3,36 @@ TORCH_VERSION := 2.13.0
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+# two stamps: the demo installs only what it runs (data + cli extras); the tests and lint add
+# the dev extras (pytest, hypothesis, ruff, ray) on top
+DEMO_STAMP := $(VENV)/.demo-$(TORCH_VERSION)
+TEST_STAMP := $(VENV)/.test-$(TORCH_VERSION)
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[data,cli]'
+	touch $(DEMO_STAMP)
+
+$(TEST_STAMP): $(DEMO_STAMP)
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
 # every registered method on MNIST-1D at W4A4/W3A3/W2A2, 2 seeds; prints the table and the
 # path of report.html (runs/demo; rerunning reuses the finished cells)
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/qatlab demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check qatlab tests benchmarks
 
-bench: $(STAMP)
+bench: $(DEMO_STAMP)
 	$(BIN)/python benchmarks/step_overhead.py
 
 clean:

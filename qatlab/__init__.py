@@ -3,10 +3,13 @@
 The idiom::
 
     qmodel = qatlab.quantize(model, qatlab.QuantConfig(weight_bits=4, act_bits=4))
+    qatlab.calibrate(qmodel, first_train_batches)
+    optimizer = qatlab.optimizer(qmodel, "sgd", lr=0.05)  # step sizes in their own group
     # ... your own training loop ...
 """
 
 import importlib
+from typing import Any
 
 from qatlab.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from qatlab.quant import (
@@ -24,6 +27,16 @@ from qatlab.quant import (
 __version__ = "0.1.0"
 
 _SUBPACKAGES = ("methods", "measure", "data", "models", "train", "compare", "export")
+
+
+def optimizer(model: Any, name: str = "adam", lr: float = 1e-3, **options: Any) -> Any:
+    """The optimizer ``qatlab train`` builds, for your own loop: the weights with ``name``
+    (adam, adamw, sgd) at ``lr``, the quantizer step sizes in their own groups on the
+    trainer's recipe (Adam on ``log s`` from scratch; ``fine_tune=True`` from a float
+    checkpoint). Options: see :func:`qatlab.train.optim.optimizer`."""
+    from qatlab.train.optim import optimizer as build
+
+    return build(model, name, lr, **options)
 
 
 def __getattr__(name: str):
@@ -44,6 +57,7 @@ __all__ = [
     "calibrate",
     "inspect",
     "measure",
+    "optimizer",
     "ptq",
     "quantization_disabled",
     "quantize",

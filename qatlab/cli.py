@@ -301,6 +301,9 @@ def config_from_args(args: argparse.Namespace):
             data = read_yaml(saved)
     if args.config is not None:
         data = merge(data, read_yaml(args.config))
+    _check_flag_bits("--wbits", args.wbits)
+    _check_flag_bits("--abits", args.abits)
+    _check_flag_bits("--target-bits", args.target_bits)
     quant_flag = args.abits is not None or args.weights_only
     if args.wbits is None and quant_flag and not data.get("quant"):
         raise ConfigError("--abits/--weights-only need --wbits (or a quant section in --config)")
@@ -367,6 +370,9 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     from qatlab.train.runner import checkpoint_data, ptq_sweep
 
     bits = _bit_list(args.bits)
+    for b in bits:
+        _check_flag_bits("--bits", b)
+    _check_flag_bits("--abits", args.abits)
     act_bits = None if args.weights_only or args.abits == "none" else args.abits
     options = {}
     for item in args.overrides:
@@ -593,6 +599,7 @@ def _bit_list(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``qatlab`` command; return its exit code (0 ok, 2 bad input or a run folder that
     is in use / holds a run / has nothing to resume, 3 training diverged, 130 interrupted)."""
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -607,10 +614,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"cannot access{where}: {exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
-        print("qatlab: interrupted; continue a training run with --resume", file=sys.stderr)
+        print(f"qatlab: interrupted; {_how_to_continue(args)}", file=sys.stderr)
         return 130
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+
+
+def _how_to_continue(args: argparse.Namespace | None) -> str:
+    """What continues the interrupted command: --resume for a training run, the same command
+    again for a comparison or the demo (finished cells are kept), nothing else to resume."""
+    func = getattr(args, "func", None)
+    if func is cmd_train:
+        return "continue the run with the same command plus --resume"
+    if func in (cmd_compare, cmd_demo):
+        return "run the same command again to continue (finished cells are kept)"
+    return "nothing was written; run the command again"
+
+
+def _check_flag_bits(flag: str, bits: int | str | None) -> None:
+    """A bit-width flag outside 2..8 is refused naming the flag (before QuantConfig sees it)."""
+    if isinstance(bits, int) and not 2 <= bits <= 8:
+        raise ConfigError(f"{flag} must be an integer from 2 to 8, got {bits}")
 
 
 def _fail(message: str) -> None:

@@ -111,7 +111,7 @@ def test_frozen_weights_get_no_task_gradient_and_keep_their_integer():
         freezer.after_step(q, step, 20)
         assert torch.equal(q[2].weight_int()[:4], frozen_before)
     # integers of frozen weights survive inspection
-    info = {i.name: i for i in qatlab.inspect(q)}
+    info = {i.name: i for i in qatlab.inspect(q, tensors=True)}
     assert torch.equal(info["2"].weight_int[:4].float(), frozen_before)
 
 

@@ -408,8 +408,8 @@ def test_set_bits_keeps_clip_range_and_pinned_layers():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"weight_bits": 9}, "bit width"),
-        ({"act_bits": 1}, "bit width"),
+        ({"weight_bits": 9}, "weight_bits must be an integer from 2 to 8"),
+        ({"act_bits": 1}, "act_bits must be an integer from 2 to 8"),
         ({"weight_grid": "symmetric"}, "weight_grid must be one of"),
         ({"act_scale": "magic"}, "act_scale must be one of"),
         ({"weight_scale": "lsq+"}, "weight_scale must be one of"),

@@ -564,29 +564,73 @@ def _plot_curves(res: Results) -> None:
 
 
 def _plot_logged(res: Results, metric: str, name: str, ylabel: str) -> bool:
+    """A step-logged statistic over training, mean over seeds: one panel per setting (the
+    labels other than the method, e.g. the bit width), one line per method with its own colour,
+    line style and marker (identical curves stay visible), one legend beside the panels."""
     from qatlab.train.plots import _save
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = False
+    keys = res.group_keys()
+    split = keys.index("method") if "method" in keys else None
+    panels: dict[tuple, list[tuple[str, list[int], list[float]]]] = {}
     for key, members in _groups(res):
         curves = [
             {r["step"]: r[metric] for r in res.records(m["cell"]) if is_number(r.get(metric))}
             for m in members
         ]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if steps:
-            ys = [sum(c[s] for c in curves) / len(curves) * 100 for s in steps]
-            ax.plot(steps, ys, label=" ".join(map(str, key)))
-            drawn = True
-    if drawn:
+        if not steps:
+            continue
+        ys = [sum(c[s] for c in curves) / len(curves) * 100 for s in steps]
+        if split is None:
+            panel, label = (), " ".join(map(str, key))
+        else:
+            panel, label = key[:split] + key[split + 1 :], str(key[split])
+        panels.setdefault(panel, []).append((label, steps, ys))
+    if not panels:
+        return False
+    plt = _pyplot()
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols + 1.6, 3.0 * nrows), squeeze=False, sharey=True
+    )
+    labels = sorted({label for lines in panels.values() for label, _, _ in lines})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x", "+", "*"]
+    for ax, (panel, lines) in zip(axes.flat, panels.items(), strict=False):
+        for label, steps, ys in lines:
+            i = labels.index(label)
+            every = max(1, len(steps) // 8)
+            ax.plot(
+                steps,
+                ys,
+                label=label,
+                color=colors[i % len(colors)],
+                linestyle=styles[i % len(styles)],
+                marker=markers[i % len(markers)],
+                markevery=(i % every, every),
+                markersize=4,
+                linewidth=1.4,
+            )
+        ax.set_title(" ".join(map(str, panel)) or metric, fontsize=9)
         ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        _save(fig, res.out / name)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles, names = [], []
+    for ax in axes.flat:
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (3.6 * ncols + 1.6), 1))
+    _save(fig, res.out / name)
     plt.close(fig)
-    return drawn
+    return True
 
 
 def _plot_hist(res: Results) -> bool:

@@ -197,9 +197,10 @@ class OscillationDampening(Hook):
         return cosine_ramp(step / max(total_steps, 1), self.start, self.lambda_max)
 
     def penalty(self, model: nn.Module) -> Tensor:
-        """The un-weighted dampening sum over layers."""
+        """The un-weighted dampening sum over layers (:func:`bin_distance`'s value and gradient,
+        fused into one pass per layer: :class:`_BinDistance`)."""
         terms = [
-            bin_distance(layer.weight, layer.weight_quantizer, self.aggregation)
+            _bin_distance(layer.weight, layer.weight_quantizer, self.aggregation)
             for _, layer in counted_layers(model, self.max_bits, self.include_pinned)
         ]
         return torch.stack(terms).sum() if terms else torch.zeros(())
@@ -209,6 +210,46 @@ class OscillationDampening(Hook):
         if lam == 0.0:
             return None  # skip the work while the ramp is off
         return lam * self.penalty(model)
+
+
+def _bin_distance(weight: Tensor, quantizer: Quantizer, aggregation: str) -> Tensor:
+    """:func:`bin_distance` (same value and gradient) with a hand-written backward."""
+    if quantizer.policy == "lsq+" or not quantizer.enabled:
+        return bin_distance(weight, quantizer, aggregation)
+    n, p = quantizer.grid_range
+    step = quantizer.broadcast_step(weight).detach()
+    return _BinDistance.apply(weight, step, n, p, aggregation)
+
+
+class _BinDistance(torch.autograd.Function):
+    """``agg((s * clamp(round(w/s), n, p) - clamp(w, s*n, s*p))^2)``, gradient ``-2 d * c``.
+
+    ``d`` is the bracket (0 for clipped weights) and ``c`` the aggregation's weight per element
+    (1/kernel size, 1/numel or 1). Autograd's version keeps about six full-size intermediates
+    alive for its backward; this keeps ``d`` only and computes it with in-place ops, which is
+    most of dampening's cost per step (benchmarks/method_overhead.py).
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, s: Tensor, n: int, p: int, how: str) -> Tensor:
+        target = torch.mul(w, 1.0 / s).round_().clamp_(n, p).mul_(s)  # quantize_detached
+        d = target.sub_(torch.maximum(torch.minimum(w, s * p), s * n))
+        if how == "kernel_mean":
+            scale = 1.0 / max(d[0].numel(), 1) if d.dim() > 0 else 1.0
+        elif how == "mean":
+            scale = 1.0 / max(d.numel(), 1)
+        elif how == "sum":
+            scale = 1.0
+        else:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
+        ctx.save_for_backward(d)
+        ctx.scale = scale
+        return aggregate(d.square(), how)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (d,) = ctx.saved_tensors
+        return d * (grad * (-2.0 * ctx.scale)), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -312,11 +353,19 @@ class IterativeFreezing(OscillationTracker):
 
 
 # ----------------------------------------------------------------------------- registry
+LOG_POINTS = 100  # log_every=0: the oscillating share is logged about this often per run
+
+
+def _log_every(log_every: int, total_steps: int) -> int:
+    """``log_every`` in steps; 0 picks about :data:`LOG_POINTS` points over the run, enough to
+    draw a curve of a short run (a fixed 50 gave 3 points in the demo's 198 steps)."""
+    return log_every if log_every > 0 else max(1, total_steps // LOG_POINTS)
 @register_method("track", needs_quant=True)
 def _track(
-    model, quant, total_steps, momentum: float = 0.001, threshold: float = 0.01, log_every: int = 50
+    model, quant, total_steps, momentum: float = 0.001, threshold: float = 0.01, log_every: int = 0
 ) -> list[Hook]:
     """QAT plus an oscillation tracker (the LSQ baseline of the oscillation study)."""
+    log_every = _log_every(log_every, total_steps)
     return [OscillationTracker(model, momentum, threshold, log_every=log_every)]
 
 
@@ -331,9 +380,10 @@ def _dampen(
     include_pinned: bool = True,
     momentum: float = 0.001,
     threshold: float = 0.01,
-    log_every: int = 50,
+    log_every: int = 0,
 ) -> list[Hook]:
     """QAT with oscillation dampening, a loss pulling weights to bin centres (Nagel et al.)."""
+    log_every = _log_every(log_every, total_steps)
     return [
         OscillationDampening(lambda_max, aggregation, start, include_pinned=include_pinned),
         OscillationTracker(model, momentum, threshold, log_every=log_every),
@@ -350,9 +400,10 @@ def _freeze(
     threshold_end: float = 0.0,  # 0: Nagel's 0.011 at 3 bits, else 0.01
     start: float = 0.25,
     max_bits: int = 4,
-    log_every: int = 50,
+    log_every: int = 0,
 ) -> list[Hook]:
     """QAT with iterative freezing of oscillating weights (Nagel et al.)."""
+    log_every = _log_every(log_every, total_steps)
     if not threshold_end:
         threshold_end = 0.011 if quant is not None and quant.weight_bits == 3 else 0.01
     return [

@@ -3,7 +3,7 @@
 from qatlab.quant.bn import reestimate_bn
 from qatlab.quant.calibrate import batch_inputs, calibrate, ptq
 from qatlab.quant.config import QuantConfig
-from qatlab.quant.inspect import LayerInfo, inspect
+from qatlab.quant.inspect import Inspection, LayerInfo, inspect
 from qatlab.quant.layers import (
     QuantConv1d,
     QuantConv2d,
@@ -26,6 +26,7 @@ from qatlab.quant.weights import (
 
 __all__ = [
     "KeptWeights",
+    "Inspection",
     "LayerInfo",
     "QuantConfig",
     "QuantConv1d",

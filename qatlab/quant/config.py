@@ -52,9 +52,15 @@ class QuantConfig:
 
     def validate(self) -> QuantConfig:
         """Raise :class:`ConfigError` with one clear line if any field is impossible."""
-        check_bits(self.weight_bits)
-        if self.act_bits is not None:
-            check_bits(self.act_bits)
+        for name in ("weight_bits", "act_bits"):  # named: the user may not know "bit width"
+            bits = getattr(self, name)
+            if bits is not None or name == "weight_bits":
+                try:
+                    check_bits(bits)
+                except ConfigError:
+                    raise ConfigError(
+                        f"{name} must be an integer from 2 to 8, got {bits!r}"
+                    ) from None
         choice("weight_grid", self.weight_grid, GRIDS)
         choice("act_grid", self.act_grid, GRIDS)
         choice("weight_granularity", self.weight_granularity, ("tensor", "channel"))

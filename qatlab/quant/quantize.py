@@ -12,6 +12,7 @@ from torch import nn
 
 from qatlab.errors import ConfigError
 from qatlab.quant.config import QuantConfig
+from qatlab.quant.guard import watch
 from qatlab.quant.layers import FLOAT_TO_QUANT, QuantLayer, quantizers, recast
 from qatlab.quant.quantizer import Quantizer, check_bits
 
@@ -72,6 +73,10 @@ def quantize(
         swapped[name] = _quant_layer(layer, config, is_first, is_last)
     if not swapped:
         raise ConfigError(_nothing_to_quantize(model, candidates))
+    for name, new in swapped.items():  # learned step sizes stay positive (quant/guard.py)
+        for role, q in (("weight", new.weight_quantizer), ("input", new.input_quantizer)):
+            if q is not None and isinstance(q.step, nn.Parameter):
+                watch(name or "<root>", role, q.step)
     if "" in swapped:
         return swapped[""]
     for name, new in swapped.items():

@@ -40,10 +40,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle garbage, wrong file type...
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+    except Exception:  # truncated zip, pickle garbage, wrong file type...
+        # PyTorch's own message (cut to one line it ends mid-word) does not help: say what the
+        # file looks like and what to pass instead
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        what = "truncated or damaged (a kill while it was written?)" if is_zip else (
+            "not a PyTorch checkpoint"
+        )
         raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated or not a checkpoint ({reason})"
+            f"cannot read checkpoint {path}: {what}; pass a best.pt or ckpt.pt written by "
+            "qatlab train"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a qatlab checkpoint (saved by qatlab train)")

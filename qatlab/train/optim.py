@@ -7,6 +7,7 @@ from-scratch default for LSQ step sizes (docs/results/qat_recipe.md).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -139,7 +140,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
     """The optimizer of ``cfg``: weights in one group; weight step sizes in another
     (``cfg.quant_optimizer`` at ``cfg.quant_lr``, no weight decay) and activation step sizes in
     a third (``cfg.act_quant_*``, None = as the weight steps). Groups whose optimizer differs
-    from the weights' get their own optimizer, stepped together (:class:`OptimizerPair`)."""
+    from the weights' get their own optimizer, stepped together (:class:`OptimizerPair`).
+    ``"auto"`` step settings of a config that was never validated get the from-scratch recipe
+    (``TrainConfig.validate``)."""
+    if "auto" in (cfg.quant_optimizer, cfg.quant_lr, cfg.act_quant_optimizer, cfg.act_quant_lr):
+        cfg = dataclasses.replace(cfg).validate()
     wsteps = {id(p) for p in quantizer_parameters(model, "weight")}
     asteps = {id(p) for p in quantizer_parameters(model)} - wsteps
     offsets = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
@@ -175,6 +180,61 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
         )
     optimizers = [_optimizer(name, g, cfg) for name, g in by_optimizer.items()]
     return optimizers[0] if len(optimizers) == 1 else OptimizerPair(*optimizers)
+
+
+def optimizer(
+    model: nn.Module,
+    name: str = "adam",
+    lr: float = 1e-3,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    fine_tune: bool = False,
+    quant_optimizer: str | None = "auto",
+    quant_lr: float | str | None = "auto",
+    act_quant_optimizer: str | None = "auto",
+    act_quant_lr: float | str | None = "auto",
+) -> torch.optim.Optimizer | OptimizerPair:
+    """The optimizer ``qatlab train`` would build for ``model``, for your own loop.
+
+    The weights train with ``name`` (``adam``, ``adamw`` or ``sgd``) at ``lr``; the quantizer
+    step sizes get their own groups and, when theirs differs, their own optimizer, stepped
+    together with the weights' (:class:`OptimizerPair`: ``zero_grad``, ``step``,
+    ``param_groups``, ``state_dict``). The step-size recipe is the trainer's
+    (``qatlab.train.config.STEP_RECIPES``): from scratch (default) the weight steps train with
+    Adam on ``log s`` (:class:`LogAdam`) at 5e-3 and the activation steps with Adam at 1e-5;
+    ``fine_tune=True`` (starting from trained float weights) gives every step Adam at 1e-5.
+    The ``quant_*`` arguments override the recipe as ``train.quant_*`` do (an LR may be
+    ``"<k>x"``, k times ``lr``; None = as the weights). Step sizes trained at the weights'
+    learning rate by the weights' optimizer can collapse to zero from scratch: this is why.
+    (From scratch the trainer also starts the weight steps from LSQ's mean-abs init:
+    ``QuantConfig(weight_init="meanabs")`` before :func:`qatlab.quantize`.)
+
+    Every group records its ``initial_lr``, so a schedule is one line per step::
+
+        for g in opt.param_groups: g["lr"] = g["initial_lr"] * factor
+    """
+    cfg = TrainConfig(
+        optimizer=name,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        quant_optimizer=quant_optimizer,
+        quant_lr=quant_lr,
+        act_quant_optimizer=act_quant_optimizer,
+        act_quant_lr=act_quant_lr,
+    )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"qatlab.optimizer(model, ...): model must be a torch.nn.Module, got "
+            f"{type(model).__name__}"
+        )
+    opt = make_optimizer(model, cfg.apply_recipe(fine_tune).validate())
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    return opt
 
 
 def _optimizer(name: str, groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:

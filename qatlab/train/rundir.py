@@ -40,8 +40,9 @@ def _held() -> set[str]:
 
 def resume_point(run_dir: Path) -> bool:
     """Whether ``run_dir`` can be resumed: True if it has a ``ckpt.pt`` to continue from,
-    False if the run stopped before its first checkpoint (only ``config.yaml`` and the
-    epoch-0 record exist: it starts over, which is exactly the uninterrupted run).
+    False if the run stopped before its first checkpoint was whole (only ``config.yaml`` and
+    the epoch-0 record exist, or it was killed while writing that ``ckpt.pt``, after epoch 1's
+    ``best.pt``): it starts over in place, which is exactly the uninterrupted run.
 
     Anything else cannot be resumed and raises one :class:`ConfigError` line: no run at all
     (a mistyped ``--name``), or a finished run whose ``ckpt.pt`` is gone.
@@ -49,6 +50,8 @@ def resume_point(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     if (run_dir / "ckpt.pt").is_file():
         return True
+    if _killed_in_first_checkpoint(run_dir):
+        return False  # starting over rewrites the same best.pt: nothing is lost
     done = [n for n in ("best.pt", "summary.json") if (run_dir / n).exists()]
     if done:
         raise ConfigError(
@@ -62,6 +65,17 @@ def resume_point(run_dir: Path) -> bool:
             "(drop --resume to start a new run)"
         )
     return False
+
+
+def _killed_in_first_checkpoint(run_dir: Path) -> bool:
+    """A run killed while writing its first ``ckpt.pt``: ``best.pt`` of epoch 1 is there (it is
+    written first), ``summary.json`` is not, and the log holds no epoch after the first."""
+    from qatlab.train.metrics import read_jsonl
+
+    if (run_dir / "summary.json").exists() or not (run_dir / "best.pt").is_file():
+        return False
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    return bool(records) and max(r.get("epoch", 0) for r in records) <= 1
 
 
 @contextlib.contextmanager
