@@ -48,7 +48,7 @@ running estimate of the gain ``a = k / U``::
   for a step whose target is 0, and once the target is positive again it is ``R / (A/W)`` at
   once (with no transition ever measured, ``A = 0``, it grows by ``c`` a step). ``K_t`` is
   kept as the paper's running rate (for logs and for comparing with the target).
-  ``u_max`` (default 10 x the initial LR) bounds ``U`` where a target is out of reach: a very
+  ``u_max`` (default 30 x the initial LR) bounds ``U`` where a target is out of reach: a very
   large LR pushes latent weights outside the clipping range, where LSQ's straight-through
   gradient is 0 and, with frozen step sizes, they never flip again (seen at 100x on a small
   MLP with Adam: the rate fell to 0 while ``U`` kept rising).
@@ -299,7 +299,7 @@ class TALR(OptimizerWrapper):
         self.lr_ref = lr0 if lr0 > 0 else 1.0  # the LR the base optimizer steps with
         self.eta = float(eta or lr0)
         self.u_start = u_start = float(u0 or lr0)
-        self.u_max = float(u_max) if u_max else 10.0 * max(u_start, lr0)
+        self.u_max = float(u_max) if u_max else 30.0 * max(u_start, lr0)
         weight = layers[names[0]].weight
         self.device = weight.device
         self.dtype = torch.float32 if weight.device.type == "mps" else torch.float64
@@ -496,7 +496,7 @@ def _talr(
     eta: float = 0.0,  # paper law's gain; 0: the initial LR of the latent weights
     u0: float = 0.0,  # 0: the initial LR
     max_change: float = 2.0,  # tracking: U changes at most by this factor per step
-    u_max: float = 0.0,  # tracking: 0 = 10 x the initial LR
+    u_max: float = 0.0,  # tracking: 0 = 30 x the initial LR
     include_pinned: bool = False,
     milestones: str = "0.5,0.75",  # schedule "step": fractions of training
     gamma: float = 0.1,  # schedule "step": factor at each milestone
