@@ -183,11 +183,12 @@ def train_logged(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def tracking(recs: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
+def tracking(recs: list[dict[str, Any]], total_steps: int, lr: float) -> dict[str, Any]:
     """How a TALR run followed its target, from its logged ``talr_*`` records, over the steps
     after the first ``TAIL`` of training: shares of logged steps with ``K_t / R_t`` and
-    ``K_t / Rbar_t`` in [1/2, 2], the worst ratios, and the number of logged steps with
-    ``U = 0`` while the next target is above 0."""
+    ``K_t / Rbar_t`` in [1/2, 2], the worst ratios, the fraction of training up to which
+    ``K_t / R_t`` stays in [1/2, 2] without a break, the number of logged steps with ``U = 0``
+    while the next target is above 0, and the largest ``U`` over the plain LR."""
     tal = [r for r in recs if "talr_U" in r]
     late = [r for r in tal if r["step"] > TAIL * total_steps]
     if not late:
@@ -199,6 +200,7 @@ def tracking(recs: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
     ratios = [r["talr_K"] / r["talr_R"] for r in late if r["talr_R"] > 0]
     bar = [r["talr_K"] / r["talr_Rbar"] for r in late if r["talr_Rbar"] > 0]
     stuck = sum(r["talr_U"] == 0 for r in tal if r["step"] < total_steps)
+    broken = [r["step"] for r in late if not 0.5 <= r["talr_K"] / max(r["talr_R"], 1e-30) <= 2]
     return {
         "in2x_R": share("talr_R"),
         "in2x_Rbar": share("talr_Rbar"),
@@ -206,7 +208,8 @@ def tracking(recs: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
         "max_K_Rbar": max(bar),
         "max_K_R": max(ratios),
         "u_zero_steps": stuck,
-        "u_max_ratio": max(r["talr_U"] for r in tal) / tal[0]["talr_U"],
+        "in2x_R_until": (broken[0] if broken else total_steps) / total_steps,
+        "u_max_ratio": max(r["talr_U"] for r in tal) / lr,
     }
 
 
@@ -250,7 +253,7 @@ def analyse(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         "wall_time_s": summary["wall_time_s"],
     }
     if cfg.method.name == "talr":
-        row.update(tracking(recs, summary["steps"]))
+        row.update(tracking(recs, summary["steps"], cfg.train.lr))
     write_json(path, row)
     return row
 
@@ -284,11 +287,11 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
     float_summaries = run_jobs([(train_job, c) for c in floats], processes, "float")
     settings = [(m, b) for m in MODELS for b in BITS]
     # in order of importance (a study cut short still has the first ones)
+    order = [("tracking", LAMBDAS[-1]), ("cosine", None), ("paper", PAPER_LAMBDA)]
+    order += [("tracking", lam) for lam in LAMBDAS[:-1]]
     cfgs = [
         qat_config(m, b, opt, kind, s, runs, qat_epochs, lam)
-        for kind, lam in [("tracking", LAMBDAS[-1]), ("cosine", None), ("paper", PAPER_LAMBDA)]
-        + [("tracking", lam) for lam in LAMBDAS[:-1]]
-        + [("const", None)]
+        for kind, lam in order
         for s in seed_list
         for m, b in settings
         for opt in OPTS
@@ -299,8 +302,16 @@ def main(out: Path, runs: Path, seeds: int = 3, processes: int = 1, quick: bool 
         for opt in OPTS
         for u in PROBE_MULTS
     ]
+    const = [
+        qat_config(m, b, opt, "const", s, runs, qat_epochs)
+        for s in seed_list
+        for m, b in settings
+        for opt in OPTS
+        if "const" in PLAIN
+    ]
     rows = run_jobs([(analyse, c) for c in cfgs], processes, "qat")
     probe_rows = run_jobs([(analyse, c) for c in probes], processes, "probe")
+    rows += run_jobs([(analyse, c) for c in const], processes, "const")
     wall = time.perf_counter() - start
     train_s = sum(r["wall_time_s"] for r in rows + probe_rows) + sum(
         s["wall_time_s"] for s in float_summaries
@@ -399,8 +410,10 @@ def figure(rows: list[dict], chosen: dict[str, float], runs: Path, path: Path) -
             ax.set_yscale("log")
             ax.set_ylim(1e-4, 5)
             u_ax = ax.twinx()
-            u_ax.plot(steps, [r["talr_U"] for r in tal], color="tab:red", lw=1, label="U_t")
-            u_ax.set_yscale("symlog", linthresh=1e-6)
+            pos = [(r["step"], r["talr_U"]) for r in tal if r["talr_U"] > 0]
+            if pos:
+                u_ax.plot(*zip(*pos, strict=True), color="tab:red", lw=1, label="U_t (> 0)")
+                u_ax.set_yscale("log")
             u_ax.tick_params(axis="y", colors="tab:red", labelsize=7)
             label = "tracking" if kind == "tracking" else "paper's law"
             ax.set_title(f"{model} W{bits}A{bits}, {opt}-T {label}, lambda {lam:g}", fontsize=9)
@@ -580,9 +593,9 @@ def follow_section(rows: list[dict], chosen: dict[str, float], steps: int) -> li
         "than any running average), the worst K_t/Rbar_t, and the logged steps with U = 0 "
         "while the next target is above 0. Min/max over seeds.",
         "",
-        "| setting | arm | lambda | K/R in [1/2, 2] | K/Rbar in [1/2, 2] | K/Rbar range "
-        "| steps with U = 0 | max U / U_0 | follows? |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | arm | lambda | K/R in [1/2, 2] | ... without a break until | "
+        "K/Rbar in [1/2, 2] | K/Rbar range | steps with U = 0 | max U / U_0 | follows? |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     followed: dict[str, int] = {}
     for model, bits in [(m, f"W{b}A{b}") for m in MODELS for b in BITS]:
@@ -600,6 +613,8 @@ def follow_section(rows: list[dict], chosen: dict[str, float], steps: int) -> li
                     f"| {model} {bits} | {arm_name(opt, kind)} | {lam:g} | "
                     f"{min(r['in2x_R'] for r in sel) * 100:.0f}-"
                     f"{max(r['in2x_R'] for r in sel) * 100:.0f}% | "
+                    f"{min(r['in2x_R_until'] for r in sel) * 100:.0f}-"
+                    f"{max(r['in2x_R_until'] for r in sel) * 100:.0f}% of training | "
                     f"{min(r['in2x_Rbar'] for r in sel) * 100:.0f}-"
                     f"{max(r['in2x_Rbar'] for r in sel) * 100:.0f}% | "
                     f"{min(r['min_K_Rbar'] for r in sel):.2f}-"
@@ -621,7 +636,7 @@ def follow_section(rows: list[dict], chosen: dict[str, float], steps: int) -> li
         "Every TALR arm, seed 0 (rows: settings; columns: tracking SGD-T, Adam-T, then the "
         "paper's law SGD-T, Adam-T): per-step k_t (grey), running rate K_t (blue), target R_t "
         "(dashed), its running average Rbar_t (dotted), log scale; U_t in red on the right "
-        "axis (symlog).",
+        "axis (log; the paper's law's steps with U = 0 are not drawn).",
         "",
     ]
     return lines
