@@ -11,16 +11,65 @@ of the N counted weights that moved at step t is the transition rate::
 
 How far the quantized model moves is set by ``k_t``, not by the learning rate: late in training
 latent weights sit near transition points and keep flipping however small the LR is. TR
-scheduling therefore schedules a *target* rate ``R_t`` and adapts the latent weights' LR so the
-running rate follows it::
+scheduling therefore schedules a *target* rate ``R_t`` (from ``R_0 = lambda * sqrt(b_w)`` to 0
+with a cosine (default), a step decay, or constant) and adapts the latent weights' LR ``U`` so
+the measured rate follows it. Step ``t`` moves the latent weights with ``U_t``; its ``k_t`` is
+then measured and sets ``U_{t+1}``. Two control laws (``controller=``):
 
-    K_t = m * K_{t-1} + (1 - m) * k_t             (running TR; m = 0.99, K_0 = 0)
-    U_t = max(0, U_{t-1} + eta * (R_t - K_t))     (TALR, replaces the user LR; U_0 = eta)
-    w  <- w - U_t * g_t                           (g_t: the base optimizer's direction)
+``"paper"`` -- the paper's law, literally (``K_0 = 0``, ``U_0 = eta`` = the initial LR)::
 
-``R_t`` goes from ``R_0 = lambda * sqrt(b_w)`` to 0 with a cosine (default), a step decay or
-stays constant; ``eta`` (and ``U_0``) default to the plain optimizer's initial LR. Here ``U``
-acts in step ``t`` and is then updated from that step's ``k_t`` for step ``t + 1``.
+    K_t     = m * K_{t-1} + (1 - m) * k_t                  (running TR, m = 0.99)
+    U_{t+1} = max(0, U_t + eta * (R_t - K_t))              (R of the step just taken: index t)
+
+  An additive integrator whose gain relative to ``U`` is ``eta * |R_t - K_t| / U``: with
+  ``eta = U_0`` and rates of a few 1e-3 it moves ``U`` by < 1% a step, so on runs of ~1000
+  steps ``U`` cannot follow a cosine target that falls 100x (measured on MNIST-1D, 1120
+  steps: ``K_t`` ends 40x above ``R_t``), and once ``U`` is small one additive step takes it
+  to 0, where it stays while the lagging ``K_t`` is above the falling ``R_t`` (Adam on cnn1d:
+  ``U = 0`` for the last 7% of training). See ``docs/results/talr.md``.
+
+``"tracking"`` (default, *qatlab*) -- a ratio (inverse-model) controller. The rate a step makes
+grows with its LR (``k ~ a * U^alpha``; measured on the study models: alpha ~ 0.6-0.9): the
+latent weights move ``U`` times the optimizer's direction, and the share crossing a bin edge
+grows with the distance moved. So ``U`` is set to the LR that makes the *next* step's target, from a
+running estimate of the gain ``a = k / U``::
+
+    A_t     = m * A_{t-1} + (1 - m) * k_t / U_t            (running gain; steps with U_t = 0
+    W_t     = m * W_{t-1} + (1 - m)                         add nothing to A or W)
+    U_{t+1} = R_{t+1} * W_t / A_t                          (R of the next step: index t+1)
+              clipped to [U_t / c, U_t * c] (c = ``max_change``, 2) and to ``u_max``
+
+  ``A_t / W_t`` is the bias-corrected running mean of the per-step gain (``A_0 = W_0 = 0``; no
+  warm-up, no ``K_0 = 0`` bias). Averaging ``k/U`` per step, not ``k`` and ``U`` apart, keeps
+  old steps with a 100x larger ``U`` from dominating the estimate. The schedule enters
+  feed-forward (``R_{t+1}``), so the running average's lag delays only the gain estimate, not
+  the response to the target. With ``alpha != 1`` the fixed point ``k = R`` is still reached
+  (each update contracts ``log U`` by ``|1 - alpha|``). ``U`` is multiplicative: it is 0 only
+  for a step whose target is 0, and once the target is positive again it is ``R / (A/W)`` at
+  once (with no transition ever measured, ``A = 0``, it grows by ``c`` a step). ``K_t`` is
+  kept as the paper's running rate (for logs and for comparing with the target).
+  ``u_max`` (default 30 x the initial LR) bounds ``U`` where a target is out of reach: a very
+  large LR pushes latent weights outside the clipping range, where LSQ's straight-through
+  gradient is 0 and, with frozen step sizes, they never flip again (seen at 100x on a small
+  MLP with Adam: the rate fell to 0 while ``U`` kept rising).
+  ``m`` defaults to ``1 - 1/w`` with a window ``w = clamp(T/50, 10, 100)`` steps: the paper's
+  0.99 on long runs, shorter on short ones, so that ``K_t`` itself is not more than a factor 2
+  behind a cosine target until ~95% of training.
+
+TR scheduling is meant for QAT from a trained model: from scratch, a target below the rate
+the LR would make holds learning back (the tracking law enforces the target; the paper's law
+mostly did not), so ``lambda`` must then be larger (the demo's set-up, cnn1d W4A4 from
+scratch, 6 epochs, one seed: 80.3% test at lambda 5e-3, 93.9% at 2e-2; paper's law 93.6%).
+
+A running average lags a falling target whatever the controller: with a perfect controller
+(``k_t = R_t``) ``K_t`` equals ``Rbar_t``, the same running average of ``R_t``; it is logged as
+``talr_Rbar`` and is what ``K_t`` should be compared with in the cosine's tail.
+
+No host synchronization per step: ``k_t``, ``K``, ``A``, ``W``, ``U`` are tensors on the weights'
+device. The base optimizer steps with the TALR groups' LR set to a fixed float (their initial
+LR); the latent weights' displacement is then scaled by ``U_t / lr`` on the device, which is
+the same update as stepping with ``lr = U_t`` for every optimizer whose update is linear in the
+LR (SGD with momentum/weight decay, Adam, AdamW, RMSprop, ...), up to float rounding.
 
 What TALR touches (choices where the paper is open are marked *qatlab*):
 
@@ -52,7 +101,8 @@ Use in a plain PyTorch loop::
         optimizer.step()                              # latent weights move with U_t
         print(talr.after_step(model, step, total_steps))   # k_t, K_t, R_t, U_t every log_every
 
-With the trainer: ``qatlab train --method talr --lambda 5e-3 --wbits 2 --abits 2 ...``.
+With the trainer: ``qatlab train --method talr --lambda 5e-3 --wbits 2 --abits 2 ...``
+(``--set method.controller=paper`` for the literal law).
 """
 
 from __future__ import annotations
@@ -62,7 +112,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
 from qatlab.methods import register_method
@@ -71,7 +121,16 @@ from qatlab.quant.layers import quant_layers
 from qatlab.quant.transitions import TransitionCounter
 
 SCHEDULES = ("cosine", "step", "constant")
+CONTROLLERS = ("tracking", "paper")
 GLOBAL = "all"  # the key of the single U when per_layer is False
+
+
+def default_momentum(controller: str, total_steps: int) -> float:
+    """The running average's ``m``: the paper's 0.99 for ``"paper"``; for ``"tracking"``
+    ``1 - 1/w`` with a window ``w = clamp(T/50, 10, 100)`` steps (0.99 from T = 5000 on)."""
+    if controller == "paper":
+        return 0.99
+    return 1.0 - 1.0 / min(max(total_steps / 50.0, 10.0), 100.0)
 
 
 # ----------------------------------------------------------------------------- target R_t
@@ -168,14 +227,18 @@ class TALR(OptimizerWrapper):
     On construction the latent weights of the counted layers are split out of their parameter
     groups into TALR groups (one, or one per layer with ``per_layer``). Each ``step``:
 
-    1. the TALR groups' ``lr`` is set to ``U_t`` (other groups keep the loop's ``lr``);
-    2. the base optimizer steps (``closure`` as usual); the loop's ``lr`` is put back;
+    1. the TALR weights are copied, the TALR groups' ``lr`` is set to ``lr_ref`` (their initial
+       LR, a fixed float; other groups keep the loop's ``lr``);
+    2. the base optimizer steps (``closure`` as usual); the loop's ``lr`` is put back, and each
+       TALR weight's displacement is scaled by ``U_t / lr_ref`` on the device (no host sync);
     3. ``k_t`` is read from ``counter.update(model, t)`` (shared with other users of the
        counter at the same step), then ``K_t``, ``R_t`` and ``U_{t+1}`` are updated
-       (:meth:`observe`).
+       (:meth:`observe`, by ``controller``: see the module docstring).
 
-    ``eta`` and ``u0`` default (None or 0) to the TALR groups' initial LR (``initial_lr`` if
-    the loop set it, else ``lr``). ``t`` counts this wrapper's steps from 0 and is saved in
+    ``schedule`` is a name of :data:`SCHEDULES` or a function ``(t, total_steps, R_0) -> R_t``.
+    ``eta`` (paper law) and ``u0`` default (None or 0) to the TALR groups' initial LR
+    (``initial_lr`` if the loop set it, else ``lr``); ``momentum`` (None) to
+    :func:`default_momentum`. ``t`` counts this wrapper's steps from 0 and is saved in
     :meth:`wrapper_state`, so after a resume it equals the loop's global step.
     """
 
@@ -186,24 +249,34 @@ class TALR(OptimizerWrapper):
         total_steps: int,
         *,
         lam: float = 5e-3,
-        momentum: float = 0.99,
-        schedule: str = "cosine",
+        momentum: float | None = None,
+        schedule: str | Callable[[int, int, float], float] = "cosine",
         per_layer: bool = False,
+        controller: str = "tracking",
         eta: float | None = None,
         u0: float | None = None,
+        max_change: float = 2.0,
+        u_max: float | None = None,
         counter: TransitionCounter | None = None,
         include_pinned: bool = False,
         milestones: Sequence[float] = (0.5, 0.75),
         gamma: float = 0.1,
     ) -> None:
         super().__init__(base)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if not callable(schedule) and schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or a function, got {schedule!r}")
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
+        if momentum is None:
+            momentum = default_momentum(controller, total_steps)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if max_change <= 1.0:
+            raise ValueError(f"max_change must be > 1, got {max_change}")
         self.model = model
         self.total_steps = total_steps
         self.lam, self.m, self.schedule = lam, momentum, schedule
+        self.controller, self.max_change = controller, max_change
         self.milestones, self.gamma = tuple(milestones), gamma
         self.per_layer = per_layer
         self.counter = counter or TransitionCounter(model, include_pinned=include_pinned)
@@ -227,14 +300,28 @@ class TALR(OptimizerWrapper):
 
         self.R0 = {k: r0([k] if per_layer else names) for k in self.keys}
         first = self.groups[0]
-        lr0 = first.get("initial_lr", first["lr"])
-        self.eta = eta or lr0
-        u_start = u0 or lr0
+        lr0 = float(first.get("initial_lr", first["lr"]))
+        self.lr_ref = lr0 if lr0 > 0 else 1.0  # the LR the base optimizer steps with
+        self.eta = float(eta or lr0)
+        self.u_start = u_start = float(u0 or lr0)
+        self.u_max = float(u_max) if u_max else 30.0 * max(u_start, lr0)
+        weight = layers[names[0]].weight
+        self.device = weight.device
+        self.dtype = torch.float32 if weight.device.type == "mps" else torch.float64
         self.t = 0
-        self.U = {k: float(u_start) for k in self.keys}  # U_t: used by the next step
-        self.K = {k: 0.0 for k in self.keys}  # K_t, K_0 = 0
-        self.k = {k: 0.0 for k in self.keys}  # k_t of the last step
+
+        def full(value: float) -> dict[str, Tensor]:
+            return {
+                k: torch.full((), value, dtype=self.dtype, device=self.device) for k in self.keys
+            }
+
+        self.U = full(u_start)  # U_t: used by the next step
+        self.K = full(0.0)  # K_t, K_0 = 0
+        self.A = full(0.0)  # running gain k/U (tracking), A_0 = 0
+        self.W = full(0.0)  # the running gain's total weight (bias correction), W_0 = 0
+        self.k = full(0.0)  # k_t of the last step
         self.R = {k: self.target(k, 0) for k in self.keys}  # R_t of the last step
+        self.Rbar = {k: 0.0 for k in self.keys}  # running R_t (same m): K_t of a perfect TALR
 
     @property
     def groups(self) -> list[dict]:
@@ -244,6 +331,8 @@ class TALR(OptimizerWrapper):
 
     def target(self, key: str, t: int) -> float:
         """``R_t`` of ``key``."""
+        if callable(self.schedule):
+            return float(self.schedule(t, self.total_steps, self.R0[key]))
         return target_rate(
             t, self.total_steps, self.R0[key], self.schedule, self.milestones, self.gamma
         )
@@ -251,46 +340,74 @@ class TALR(OptimizerWrapper):
     def step(self, closure: Callable | None = None):
         groups = self.groups
         loop_lr = [g["lr"] for g in groups]  # rule 1: the loop owns lr; put it back
+        before = [[p.detach().clone() for p in g["params"]] for g in groups]
         for g in groups:
-            g["lr"] = self.U[g["talr"]]
+            g["lr"] = self.lr_ref
         try:
             loss = self.base.step(closure)
         finally:
             for g, lr in zip(groups, loop_lr, strict=True):
                 g["lr"] = lr
+        with torch.no_grad():  # w = w_before + (U_t / lr_ref) * (w_after - w_before)
+            for g, olds in zip(groups, before, strict=True):
+                scale = (self.U[g["talr"]] / self.lr_ref).to(olds[0].dtype)
+                for p, old in zip(g["params"], olds, strict=True):
+                    p.sub_(old).mul_(scale).add_(old)
         moves = self.counter.update(self.model, self.t)
-        self.observe(moves.layer_rates() if self.per_layer else {GLOBAL: moves.rate()})
+        if self.per_layer:
+            rates = {n: torch.count_nonzero(d) / d.numel() for n, d in moves.direction.items()}
+        else:
+            rates = {GLOBAL: moves.rate_tensor()}
+        self.observe(rates)
         return loss
 
-    def observe(self, rates: dict[str, float]) -> None:
-        """One update from the measured rates ``{key: k_t}`` of step ``t``::
-
-        K_t = m * K_{t-1} + (1 - m) * k_t
-        U_t = max(0, U_{t-1} + eta * (R_t - K_t))
-        """
-        t = self.t
+    def observe(self, rates: dict[str, Tensor | float]) -> None:
+        """One controller update from the measured rates ``{key: k_t}`` of step ``t`` (the
+        step that used ``U_t``); sets ``U_{t+1}``. See the module docstring for both laws."""
+        t, m = self.t, self.m
         for key in self.keys:
-            k_t = float(rates[key])
+            k_t = torch.as_tensor(rates[key], dtype=self.dtype, device=self.device)
             R_t = self.target(key, t)
-            K_t = self.m * self.K[key] + (1.0 - self.m) * k_t
-            U_t = max(0.0, self.U[key] + self.eta * (R_t - K_t))
-            self.k[key], self.K[key], self.R[key], self.U[key] = k_t, K_t, R_t, U_t
+            K_t = m * self.K[key] + (1.0 - m) * k_t
+            U_t = self.U[key]
+            if self.controller == "paper":
+                U_next = torch.clamp(U_t + self.eta * (R_t - K_t), min=0.0)
+            else:
+                moved = U_t > 0  # a step with U = 0 says nothing about the gain
+                gain = torch.where(moved, k_t / U_t.clamp(min=1e-30), 0.0)
+                self.A[key] = torch.where(moved, m * self.A[key] + (1.0 - m) * gain, self.A[key])
+                self.W[key] = torch.where(moved, m * self.W[key] + (1.0 - m), self.W[key])
+                R_next, c = self.target(key, t + 1), self.max_change
+                a_hat = self.A[key] / self.W[key].clamp(min=1e-30)
+                # no gain measured yet (no transition at all): grow by c, or restart at U_0
+                grow = torch.where(moved, c * U_t, self.u_start)
+                ratio = torch.where(a_hat > 0, R_next / a_hat.clamp(min=1e-30), grow)
+                upper = torch.where(moved, c * U_t, self.u_max)  # from U = 0: any value
+                U_next = torch.minimum(torch.maximum(ratio, U_t / c), upper)
+                U_next = U_next.clamp(max=self.u_max)
+                if R_next <= 0.0:  # the target is 0: no more transitions wanted
+                    U_next = torch.zeros_like(U_t)
+            self.Rbar[key] = m * self.Rbar[key] + (1.0 - m) * R_t
+            self.k[key], self.K[key], self.R[key], self.U[key] = k_t, K_t, R_t, U_next
         self.t = t + 1
 
     def metrics(self) -> dict[str, float]:
-        """``talr_k``, ``talr_K``, ``talr_R``, ``talr_U`` of the last step (global; means over
-        layers with ``per_layer``, plus ``talr_U/<layer>`` and ``talr_K/<layer>``)."""
+        """``talr_k``, ``talr_K``, ``talr_R``, ``talr_Rbar``, ``talr_U`` (``U_{t+1}``) of the last
+        step (global; means over layers with ``per_layer``, plus ``talr_U/<layer>`` and
+        ``talr_K/<layer>``). Reads the tensors to the host: call it every few steps only."""
         out = {}
-        for name, values in (("k", self.k), ("K", self.K), ("R", self.R), ("U", self.U)):
-            out[f"talr_{name}"] = sum(values.values()) / len(values)
+        values = {"k": self.k, "K": self.K, "R": self.R, "Rbar": self.Rbar, "U": self.U}
+        for name, vals in values.items():
+            out[f"talr_{name}"] = sum(float(v) for v in vals.values()) / len(vals)
         if self.per_layer:
-            out.update({f"talr_U/{k}": u for k, u in self.U.items()})
-            out.update({f"talr_K/{k}": v for k, v in self.K.items()})
+            out.update({f"talr_U/{k}": float(u) for k, u in self.U.items()})
+            out.update({f"talr_K/{k}": float(v) for k, v in self.K.items()})
         return out
 
     def wrapper_state(self) -> dict:
-        return {"t": self.t, "U": dict(self.U), "K": dict(self.K), "k": dict(self.k),
-                "R": dict(self.R)}  # fmt: skip
+        tensors = {name: {k: v.clone() for k, v in getattr(self, name).items()}
+                   for name in ("U", "K", "A", "W", "k")}  # fmt: skip
+        return {"t": self.t, **tensors, "R": dict(self.R), "Rbar": dict(self.Rbar)}
 
     def load_wrapper_state(self, state: dict) -> None:
         if not state:
@@ -298,14 +415,17 @@ class TALR(OptimizerWrapper):
         if set(state["U"]) != set(self.keys):
             raise ValueError(f"TALR state has keys {sorted(state['U'])}, expected {self.keys}")
         self.t = int(state["t"])
-        for name in ("U", "K", "k", "R"):
-            getattr(self, name).update({k: float(v) for k, v in state[name].items()})
+        for name in ("U", "K", "A", "W", "k"):
+            for k, v in state.get(name, {}).items():
+                getattr(self, name)[k] = torch.as_tensor(v, dtype=self.dtype).to(self.device)
+        for name in ("R", "Rbar"):
+            getattr(self, name).update({k: float(v) for k, v in state.get(name, {}).items()})
 
 
 # ----------------------------------------------------------------------------- the hook
 class TALRHook(nn.Module, Hook):
     """TR scheduling as a :class:`Hook`: freezes the counted layers' weight step sizes when
-    built, wraps the optimizer in :class:`TALR`, logs ``k_t, K_t, R_t, U_t`` every
+    built, wraps the optimizer in :class:`TALR`, logs ``k_t, K_t, R_t, Rbar_t, U_t`` every
     ``log_every`` steps.
 
     ``self.transitions`` is the :class:`TransitionCounter` TALR reads (its previous integers
@@ -318,7 +438,7 @@ class TALRHook(nn.Module, Hook):
         model: nn.Module,
         total_steps: int,
         lam: float = 5e-3,
-        momentum: float = 0.99,
+        momentum: float | None = None,
         schedule: str = "cosine",
         per_layer: bool = False,
         eta: float | None = None,
@@ -327,10 +447,15 @@ class TALRHook(nn.Module, Hook):
         milestones: Sequence[float] = (0.5, 0.75),
         gamma: float = 0.1,
         log_every: int = 50,
+        controller: str = "tracking",
+        max_change: float = 2.0,
+        u_max: float | None = None,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
         self.transitions = TransitionCounter(model, include_pinned=include_pinned)
         self.frozen = freeze_weight_steps(model, self.transitions.layer_names)
         self.total_steps = total_steps
@@ -339,8 +464,11 @@ class TALRHook(nn.Module, Hook):
             momentum=momentum,
             schedule=schedule,
             per_layer=per_layer,
+            controller=controller,
             eta=eta,
             u0=u0,
+            max_change=max_change,
+            u_max=u_max,
             milestones=tuple(milestones),
             gamma=gamma,
         )
@@ -366,11 +494,14 @@ def _talr(
     quant,
     total_steps,
     lam: float = 5e-3,
-    momentum: float = 0.99,
+    controller: str = "tracking",  # "tracking" (follows R_t) or "paper" (the literal law)
+    momentum: float = 0.0,  # 0: 0.99 (paper) or 1 - 1/clamp(T/50, 10, 100) (tracking)
     schedule: str = "cosine",
     per_layer: bool = False,
-    eta: float = 0.0,  # 0: the initial LR of the latent weights
-    u0: float = 0.0,  # 0: = eta's default, the initial LR
+    eta: float = 0.0,  # paper law's gain; 0: the initial LR of the latent weights
+    u0: float = 0.0,  # 0: the initial LR
+    max_change: float = 2.0,  # tracking: U changes at most by this factor per step
+    u_max: float = 0.0,  # tracking: 0 = 30 x the initial LR
     include_pinned: bool = False,
     milestones: str = "0.5,0.75",  # schedule "step": fractions of training
     gamma: float = 0.1,  # schedule "step": factor at each milestone
@@ -381,11 +512,18 @@ def _talr(
         raise ConfigError(
             f"method.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
         )
-    for name, value in (("lam", lam), ("eta", eta), ("u0", u0), ("gamma", gamma)):
+    if controller not in CONTROLLERS:
+        raise ConfigError(
+            f"method.controller must be one of {', '.join(CONTROLLERS)}, got {controller!r}"
+        )
+    for name, value in (("lam", lam), ("eta", eta), ("u0", u0), ("gamma", gamma),
+                        ("u_max", u_max)):  # fmt: skip
         if value < 0:
             raise ConfigError(f"method.{name} must be >= 0, got {value}")
     if not 0.0 <= momentum < 1.0:
-        raise ConfigError(f"method.momentum must be in [0, 1), got {momentum}")
+        raise ConfigError(f"method.momentum must be in [0, 1) (0: the default), got {momentum}")
+    if max_change <= 1.0:
+        raise ConfigError(f"method.max_change must be > 1, got {max_change}")
     try:
         marks = tuple(float(m) for m in milestones.split(",") if m.strip())
     except ValueError:
@@ -397,7 +535,7 @@ def _talr(
             model,
             total_steps,
             lam,
-            momentum,
+            momentum or None,
             schedule,
             per_layer,
             eta or None,
@@ -406,5 +544,8 @@ def _talr(
             marks,
             gamma,
             log_every,
+            controller,
+            max_change,
+            u_max or None,
         )
     ]
