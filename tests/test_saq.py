@@ -629,3 +629,44 @@ def test_authors_ball_is_the_authors_perturbation_on_identical_tensors():
     assert opt.units(e).keys() == {"0", "0.weight_quantizer.step"}
     opt.ball = "std"
     assert opt.units(e).keys() == {"0", "0.weight_quantizer.step", "5", "5.weight_quantizer.step"}
+
+
+def test_std_ball_measures_each_weight_in_its_std_and_adaptive_can_leave_biases_unscaled():
+    model, rho = _model(pinned="same"), 0.3
+    ((x, y),) = _batches(1)
+    reference = _grad_wrt_qweights(model, x, y)
+    stds = {n: m.weight.detach().std() for n, m in quant_layers(model)}
+    opt = SAQ(_sgd(model), model, rho=rho, ball="std")
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    e = opt.perturbation()
+    in_std = torch.sqrt(sum(((e[n] / stds[n]) ** 2).sum() for n in e))
+    assert in_std.item() == pytest.approx(rho, rel=1e-5)  # ||e / std|| = rho, not ||e||
+    total = torch.sqrt(sum(((stds[n] * g) ** 2).sum() for n, g in reference.items()))
+    for n, g in reference.items():
+        torch.testing.assert_close(e[n], rho * stds[n] ** 2 * g / total, rtol=1e-4, atol=1e-9)
+    raw = SAQ(_sgd(model), model, rho=rho, ball="raw")
+    raw._kept = opt._kept
+    e_raw = raw.perturbation()
+    ratio = {n: (e_raw[n].norm() / e[n].norm()).item() for n in e}
+    assert min(ratio.values()) > 1.5 and max(ratio.values()) > 10  # raw: larger for one rho
+
+    # adaptive, biases in the ball: T = |x| + eta * unit for weights, T = 1 for biases
+    model.zero_grad()
+    opt = SAQ(_sgd(model), model, rho=rho, adaptive=True, adaptive_bias=False, bias=True, norm=True)
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    kept = {n: t.detach() for n, t in opt._kept.tensors().items()}
+    e = opt.perturbation()
+    assert opt.biases and opt.biases <= set(e)
+    params = dict(model.named_parameters())
+    t = {n: (kept[n] if n in kept else params[n].detach()).abs() + 0.01 for n in e}
+    for n in opt.biases:
+        t[n] = torch.ones_like(t[n])
+    torch.testing.assert_close(
+        torch.sqrt(sum(((v / t[n]) ** 2).sum() for n, v in e.items())), torch.tensor(rho)
+    )
+    b = next(iter(opt.biases))
+    g_b = params[b].grad
+    g_t = torch.sqrt(sum(((t[n] * g) ** 2).sum() for n, g in opt._gradients()[0].items()))
+    torch.testing.assert_close(e[b], rho * g_b / g_t, rtol=1e-5, atol=1e-9)

@@ -36,6 +36,36 @@ place and restored bit for bit from a copy: ``bias`` (biases of the quantized la
 (affine weight and bias of BatchNorm/LayerNorm/GroupNorm), ``act_steps`` (learned step sizes of
 the activation quantizers). The official code includes biases and BN affine by default.
 
+**The ball's units (``ball``).** The authors' quantizer (``LIQ_wn``, ``models/LIQ_wn_qsam.py``)
+standardizes each conv weight with its detached mean and std before quantizing (2^b levels in
+``[-alpha, alpha]``, no zero level) and feeds the standardized ``q(w)`` to the conv (BN absorbs
+the scale), so their ``dL/dq(w)`` and ``e`` live in units of the weight's std; qatlab's LSQ
+quantizes raw weights, where the same ``rho`` is a ball 10-40x larger relative to ``||q(w)||``
+(docs/results/saq.md measures it per layer). Rather than a second quantizer, the ball is scaled
+per tensor: with ``u_k`` the unit of tensor ``k``,
+``e_k = rho u_k^2 g_k / ||(u_k g_k)_k||`` (so ``||(e_k / u_k)_k|| = rho``). ``ball="raw"``: every
+``u = 1`` (qatlab's original). ``ball="std"``: ``u`` = the detached, unbiased std of the layer's
+latent weight for that weight (and its learned step size, ``weight_steps``), 1 for everything
+else. ``ball="authors"``: ``std`` for conv layers, raw for linear ones, as their code (their
+``QLinear`` does not standardize). Why a scaled ball and not their quantizer: for a layer whose
+output scale is normalised away (BN after it), ``std_l`` times their ``e`` *is* ``e_l`` above,
+so ``rho`` means what it means in the paper, while any qatlab quantizer and any model (also
+without BN, where dropping the std changes the network) keep working; the test suite checks it
+against their ``QSAM`` on identical tensors (conv + BN + linear, W4A4). The adaptive ball in
+``std`` units is ``T = |x| + eta u`` (their ``|x'| + eta`` on standardized ``x' = x / std``).
+
+**The authors' other options.** ``weight_steps`` = their ``include_wclip`` (weight step sizes in
+the ball, perturbed in place; off by default, as theirs). ``act_steps`` = their
+``include_aclip``: on in their runs whatever the flag says (``--include_aclip False`` parses as
+``True``: argparse ``type=bool``). Their ball holds the clip ``alpha`` (activation step
+``alpha / (2^b - 1)``), qatlab's the LSQ step ``s`` (its gradient also carries LSQ's gradient
+scale), so for the same loss a step moves about ``(2^b - 1)^2`` times further in qatlab's ball
+than theirs, in step units. ``norm`` = their
+``include_bn`` (on in theirs), ``bias``: always on in theirs. Their adaptive variant (QASAM)
+leaves biases (layer and BN) unscaled: ``adaptive_bias=False``; qatlab's default ``True`` scales
+every tensor in the ball. The authors' full default ball is ``ball="authors", bias=True,
+norm=True, act_steps=True``.
+
 **Better than the official code:** the second pass runs inside
 :func:`qatlab.methods.frozen_bn_stats` (BN running statistics move once per step;
 ``bn_update=True`` gives the authors' behaviour); ``rho == 0`` skips the second pass, so the step
@@ -452,7 +482,7 @@ def _saq(
     bn_update: bool = False,
     per_replica: bool = False,
 ) -> list[Hook]:
-    """Sharpness-aware quantization (Liu et al.): SAM on q(w); case 1/2/3, every=k efficient."""
+    """Sharpness-aware quantization (Liu et al.): SAM on q(w); case 1/2/3, ball raw/std, every=k."""
     return [
         SAQHook(
             rho=rho,
