@@ -294,7 +294,10 @@ def test_registry_options_and_errors():
     (hook,) = build_hooks("saq", {"rho": 0.2, "case": 2}, model, qatlab.QuantConfig(), 10)
     opt = hook.wrap_optimizer(_sgd(model), model)
     assert isinstance(opt, SAQ) and opt.case == 2 and opt.rho == 0.2
-    for bad, msg in [({"case": 4}, "case"), ({"rho": -1.0}, "rho"), ({"every": 0}, "every")]:
+    opts = check_options("saq", {"ball": "std", "weight_steps": True, "adaptive_bias": False})
+    assert opts["ball"] == "std" and opts["weight_steps"] and not opts["adaptive_bias"]
+    bads = [({"case": 4}, "case"), ({"rho": -1.0}, "rho"), ({"every": 0}, "every")]
+    for bad, msg in [*bads, ({"ball": "unit"}, "ball must be one of raw, std, authors")]:
         with pytest.raises(ConfigError, match=msg):
             build_hooks("saq", bad, model, qatlab.QuantConfig(), 10)
     with pytest.raises(ConfigError, match="wbits"):
