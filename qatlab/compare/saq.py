@@ -25,7 +25,7 @@ from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
 from qatlab.train.metrics import write_json
 
-SETTINGS = (("cnn1d", 4), ("mlp5", 4))
+SETTINGS = (("cnn1d", 4), ("mlp5", 4), ("cnn1d", 3), ("mlp5", 3))
 RHOS = {"raw": (0.05, 0.3), "std": (0.05, 0.3, 0.4, 1.0)}
 LRS = (1.5e-3, 3e-3, 6e-3)  # LSQ's selection grid; every SAQ run uses LR
 LR = 3e-3
@@ -456,7 +456,17 @@ def _verdict(by_arm: dict, chosen: dict, plain: str, twice: str) -> list[str]:
             return "worse"
         return "CI spans 0"
 
+    from qatlab.methods.saq import DEFAULT_BALL, DEFAULT_RHO
+
+    default = arm_name(DEFAULT_BALL, DEFAULT_RHO, LR)
+    same = default == chosen["SAQ (either ball)"][0]
     lines = [
+        f"- qatlab's default (`qatlab.methods.saq`): `ball={DEFAULT_BALL!r}, rho={DEFAULT_RHO:g}`"
+        + (
+            " = the validation-selected SAQ candidate below."
+            if same
+            else " (not the selected candidate: see the text below the tables)."
+        ),
         f"- Selected on validation: **{chosen['SAQ (either ball)'][0]}** among all SAQ "
         f"candidates (std ball: {chosen['SAQ std'][0]}, raw ball: {chosen['SAQ raw'][0]}); "
         f"LSQ: {chosen['LSQ'][0]}.",
