@@ -67,13 +67,32 @@ def _same(a: dict, b: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- rho = 0
-@pytest.mark.parametrize("case,every", [(3, 1), (2, 4)])
-def test_rho_zero_step_is_exactly_plain_qat(case, every):
-    plain = _model()
+VARIANTS = [
+    {"case": 1},
+    {"case": 2},
+    {"case": 3},
+    {"case": 2, "every": 4},
+    {"case": 3, "every": 3},
+    {"case": 3, "adaptive": True},
+    {"case": 1, "adaptive": True, "adaptive_bias": False, "bias": True, "norm": True},
+    {"case": 3, "ball": "std"},
+    {"case": 3, "ball": "authors", "adaptive": True},
+    {"case": 3, "ball": "std", "weight_steps": True, "act_steps": True},
+    {"case": 2, "ball": "std", "weight_steps": True, "norm": True, "bn_update": True},
+]
+
+
+def _variant_id(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=_variant_id)
+def test_rho_zero_step_is_exactly_plain_qat(options):
+    plain = _model(pinned="same")  # every layer has learned weight and input steps
     saq_model = copy.deepcopy(plain)
     opt_plain = _sgd(plain)
-    opt = SAQ(_sgd(saq_model), saq_model, rho=0.0, case=case, every=every)
-    for x, y in _batches(2):
+    opt = SAQ(_sgd(saq_model), saq_model, rho=0.0, **options)
+    for x, y in _batches(3):
         calls: list = []
         opt.step(_closure(saq_model, opt, x, y, calls))
         assert len(calls) == 1
@@ -275,7 +294,10 @@ def test_registry_options_and_errors():
     (hook,) = build_hooks("saq", {"rho": 0.2, "case": 2}, model, qatlab.QuantConfig(), 10)
     opt = hook.wrap_optimizer(_sgd(model), model)
     assert isinstance(opt, SAQ) and opt.case == 2 and opt.rho == 0.2
-    for bad, msg in [({"case": 4}, "case"), ({"rho": -1.0}, "rho"), ({"every": 0}, "every")]:
+    opts = check_options("saq", {"ball": "std", "weight_steps": True, "adaptive_bias": False})
+    assert opts["ball"] == "std" and opts["weight_steps"] and not opts["adaptive_bias"]
+    bads = [({"case": 4}, "case"), ({"rho": -1.0}, "rho"), ({"every": 0}, "every")]
+    for bad, msg in [*bads, ({"ball": "unit"}, "ball must be one of raw, std, authors")]:
         with pytest.raises(ConfigError, match=msg):
             build_hooks("saq", bad, model, qatlab.QuantConfig(), 10)
     with pytest.raises(ConfigError, match="wbits"):
@@ -410,3 +432,244 @@ def test_ddp_first_pass_sync_and_exact_reduction(
     monkeypatch.setattr(saq_mod, "_distributed", lambda: False)
     ref.step(_closure(reference, ref, x, y))
     assert _same(_snapshot(model), _snapshot(reference))
+
+
+# ----------------------------------------------------------------------------- the authors' ball
+# The few functions below are copied (trimmed, as functions instead of layer classes) from the
+# SAQ authors' code, https://github.com/zhuang-group/SAQ (quan_models/common.py: quantization,
+# RoundFunction; quan_models/LIQ.py: normalization_on_weights, quantize_activation,
+# quantize_weight; models/LIQ_wn_qsam.py: QConv2d/QLinear.forward with the weight
+# standardization and ``x + epsilon``; utils/qsam.py: QSAM._grad_norm and ascent_step).
+# Copyright (c) the SAQ authors. Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this code except in compliance with the License. You may obtain a copy of the
+# License at http://www.apache.org/licenses/LICENSE-2.0. Unless required by applicable law or
+# agreed to in writing, software distributed under the License is distributed on an "AS IS"
+# BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. Modified: the
+# layers are written as one small module, the SAM state is a plain dict.
+class _RoundFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n):
+        return torch.round(x * n) / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+def _quantization(x, k):
+    return _RoundFunction.apply(x, 2**k - 1)
+
+
+def _quantize_activation(x, k, clip_value):
+    x = torch.clamp(x / clip_value, min=0, max=1)
+    return _quantization(x, k) * clip_value
+
+
+def _quantize_weight(x, k, clip_value):
+    x = torch.clamp(x / clip_value, min=-1, max=1)
+    x = (x + 1.0) / 2.0
+    x = _quantization(x, k)
+    x = x * 2.0 - 1.0
+    return x * clip_value
+
+
+class _TheirNet(nn.Module):
+    """QConv2d (LIQ_wn_qsam: standardized weight) + BN + ReLU + pool + QLinear (raw weight)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, fc: nn.Linear, clips: dict, k: int):
+        super().__init__()
+        self.conv, self.bn, self.fc, self.k = conv, bn, fc, k
+        self.wclip_c = nn.Parameter(torch.tensor([clips["wc"]]))
+        self.aclip_c = nn.Parameter(torch.tensor([clips["ac"]]))
+        self.wclip_f = nn.Parameter(torch.tensor([clips["wf"]]))
+        self.aclip_f = nn.Parameter(torch.tensor([clips["af"]]))
+        self.eps_c = self.eps_f = None  # epsilon of the second forward
+
+    def forward(self, x):
+        x = _quantize_activation(x, self.k, self.aclip_c.abs())
+        w = self.conv.weight
+        normalized = w.add(-w.data.mean()).div(w.data.std())
+        self.xc = _quantize_weight(normalized, self.k, self.wclip_c.abs())
+        self.xc.retain_grad()
+        wc = self.xc if self.eps_c is None else self.xc + self.eps_c
+        h = torch.relu(self.bn(F.conv2d(x, wc, None, 1, 1)))
+        h = _quantize_activation(h.mean((2, 3)), self.k, self.aclip_f.abs())
+        self.xf = _quantize_weight(self.fc.weight, self.k, self.wclip_f.abs())
+        self.xf.retain_grad()
+        wf = self.xf if self.eps_f is None else self.xf + self.eps_f
+        return F.linear(h, wf, self.fc.bias)
+
+    @torch.no_grad()
+    def ascent_step(self, rho):
+        """QSAM with include_wclip, include_aclip (their default, on), include_bn; returns the
+        in-place perturbations by name."""
+        inplace = {
+            "wclip_c": self.wclip_c, "aclip_c": self.aclip_c, "wclip_f": self.wclip_f,
+            "aclip_f": self.aclip_f, "fc.bias": self.fc.bias, "bn.weight": self.bn.weight,
+            "bn.bias": self.bn.bias,
+        }
+        grads = [self.xc.grad, self.xf.grad] + [p.grad for p in inplace.values()]
+        norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in grads]), p=2)
+        scale = rho / (norm + 1e-12)
+        self.eps_c, self.eps_f = self.xc.grad * scale, self.xf.grad * scale
+        out = {"conv": self.eps_c, "fc": self.eps_f}
+        for name, p in inplace.items():
+            out[name] = p.grad * scale
+            p.add_(out[name])
+        return out
+# ------------------------------------------------------------------- end of the authors' code
+
+
+class _StdWeightQ(nn.Module):
+    """The authors' conv weight quantizer carried to raw units: ``std * Q((w - mean) / std)``
+    with the clip kept in raw units (``step = std * clip``)."""
+
+    def __init__(self, clip: float, std: float, k: int) -> None:
+        super().__init__()
+        self.step, self.k = nn.Parameter(torch.tensor(clip * std)), k
+
+    def forward(self, w):
+        mean, std = w.detach().mean(), w.detach().std()
+        return std * _quantize_weight((w - mean) / std, self.k, self.step.abs() / std)
+
+
+class _RawQ(nn.Module):
+    """The authors' raw weight / activation quantizer with the clip as ``step``."""
+
+    def __init__(self, clip: float, k: int, weight: bool) -> None:
+        super().__init__()
+        self.step, self.k, self.weight = nn.Parameter(torch.tensor([clip])), k, weight
+
+    def forward(self, x):
+        fn = _quantize_weight if self.weight else _quantize_activation
+        return fn(x, self.k, self.step.abs())
+
+
+def test_authors_ball_is_the_authors_perturbation_on_identical_tensors():
+    """conv + BN + linear at W4A4 with the authors' quantizers on both sides: qatlab's
+    ``ball="authors"`` (+ bias, norm, act_steps, weight_steps) perturbs by exactly ``std`` times
+    the authors' QSAM ``e`` on the conv weight and clip, by their ``e`` everywhere else, and the
+    second-pass gradients of every parameter agree (to float rounding)."""
+    k, rho, eps = 4, 0.3, 1e-5
+    torch.manual_seed(0)
+    conv, bn, fc = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, eps=eps), (
+        nn.Linear(16, 10)
+    )
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    std = float(conv.weight.detach().std())
+    clips = {"wc": 2.0, "ac": 0.8, "wf": float(fc.weight.detach().abs().max()) * 0.8, "af": 0.3}
+    theirs = _TheirNet(*copy.deepcopy((conv, bn, fc)), clips, k).train()
+
+    # qatlab: the same layers, quantized, with the authors' quantizers in raw units; BN's eps
+    # scaled by std^2 so that BN(std * y) == BN(y) exactly in real arithmetic
+    bn_q = copy.deepcopy(bn)
+    bn_q.eps = eps * std**2
+    float_net = nn.Sequential(
+        copy.deepcopy(conv), bn_q, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        copy.deepcopy(fc),
+    )
+    cfg = qatlab.QuantConfig(weight_bits=k, act_bits=k, first_layer="same", last_layer="same")
+    ours = qatlab.quantize(float_net, cfg).train()
+    qconv, qfc = ours[0], ours[5]
+    qconv.weight_quantizer = _StdWeightQ(clips["wc"], std, k)
+    qconv.input_quantizer = _RawQ(clips["ac"], k, weight=False)
+    qfc.weight_quantizer = _RawQ(clips["wf"], k, weight=True)
+    qfc.input_quantizer = _RawQ(clips["af"], k, weight=False)
+    opt = SAQ(
+        torch.optim.SGD(ours.parameters(), lr=0.1), ours, rho=rho, ball="authors", bias=True,
+        norm=True, act_steps=True, weight_steps=True,
+    )
+
+    x, y = torch.rand(8, 3, 6, 6) * 1.5, torch.randint(0, 10, (8,))
+    F.cross_entropy(theirs(x), y).backward()
+    e_theirs = theirs.ascent_step(rho)
+    theirs.zero_grad()
+    F.cross_entropy(theirs(x), y).backward()  # second pass at the perturbed point
+
+    with opt.first_pass():
+        F.cross_entropy(ours(x), y).backward()
+    params = dict(ours.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    e = opt.first_step(zero_grad=True)
+    F.cross_entropy(ours(x), y).backward()
+    moved = {n: params[n].detach() - before[n] for n in params}
+
+    close = dict(rtol=2e-4, atol=1e-7)
+    torch.testing.assert_close(e["0"] / std, e_theirs["conv"], **close)
+    torch.testing.assert_close(e["5"], e_theirs["fc"], **close)
+    pairs = {  # our parameter -> (theirs, our units / theirs)
+        "0.weight_quantizer.step": ("wclip_c", std),
+        "0.input_quantizer.step": ("aclip_c", 1.0),
+        "5.weight_quantizer.step": ("wclip_f", 1.0),
+        "5.input_quantizer.step": ("aclip_f", 1.0),
+        "5.bias": ("fc.bias", 1.0),
+        "1.weight": ("bn.weight", 1.0),
+        "1.bias": ("bn.bias", 1.0),
+    }
+    assert set(e) == {"0", "5", *pairs}
+    for ours_name, (their_name, unit) in pairs.items():
+        torch.testing.assert_close(
+            moved[ours_name].reshape(-1) / unit, e_theirs[their_name].reshape(-1), **close
+        )
+        torch.testing.assert_close(
+            e[ours_name].reshape(-1) / unit, e_theirs[their_name].reshape(-1), **close
+        )
+    # the second pass: every gradient agrees (the conv clip's in our raw units: / std)
+    grads = {
+        "0.weight": theirs.conv.weight.grad, "5.weight": theirs.fc.weight.grad,
+        **{n: getattr(theirs, t).grad if "." not in t else theirs.get_parameter(t).grad
+           for n, (t, _) in pairs.items()},
+    }
+    for name, g in grads.items():
+        ours_g = params[name].grad.reshape(-1)
+        if name == "0.weight_quantizer.step":
+            ours_g = ours_g * std
+        torch.testing.assert_close(ours_g, g.reshape(-1), rtol=1e-3, atol=1e-6)
+    # "std" differs from "authors" only on the linear layer (scaled by its own std there)
+    opt.restore()
+    assert opt.units(e).keys() == {"0", "0.weight_quantizer.step"}
+    opt.ball = "std"
+    assert opt.units(e).keys() == {"0", "0.weight_quantizer.step", "5", "5.weight_quantizer.step"}
+
+
+def test_std_ball_measures_each_weight_in_its_std_and_adaptive_can_leave_biases_unscaled():
+    model, rho = _model(pinned="same"), 0.3
+    ((x, y),) = _batches(1)
+    reference = _grad_wrt_qweights(model, x, y)
+    stds = {n: m.weight.detach().std() for n, m in quant_layers(model)}
+    opt = SAQ(_sgd(model), model, rho=rho, ball="std")
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    e = opt.perturbation()
+    in_std = torch.sqrt(sum(((e[n] / stds[n]) ** 2).sum() for n in e))
+    assert in_std.item() == pytest.approx(rho, rel=1e-5)  # ||e / std|| = rho, not ||e||
+    total = torch.sqrt(sum(((stds[n] * g) ** 2).sum() for n, g in reference.items()))
+    for n, g in reference.items():
+        torch.testing.assert_close(e[n], rho * stds[n] ** 2 * g / total, rtol=1e-4, atol=1e-9)
+    raw = SAQ(_sgd(model), model, rho=rho, ball="raw")
+    raw._kept = opt._kept
+    e_raw = raw.perturbation()
+    ratio = {n: (e_raw[n].norm() / e[n].norm()).item() for n in e}
+    assert min(ratio.values()) > 1.5 and max(ratio.values()) > 10  # raw: larger for one rho
+
+    # adaptive, biases in the ball: T = |x| + eta * unit for weights, T = 1 for biases
+    model.zero_grad()
+    opt = SAQ(_sgd(model), model, rho=rho, adaptive=True, adaptive_bias=False, bias=True, norm=True)
+    with opt.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    kept = {n: t.detach() for n, t in opt._kept.tensors().items()}
+    e = opt.perturbation()
+    assert opt.biases and opt.biases <= set(e)
+    params = dict(model.named_parameters())
+    t = {n: (kept[n] if n in kept else params[n].detach()).abs() + 0.01 for n in e}
+    for n in opt.biases:
+        t[n] = torch.ones_like(t[n])
+    torch.testing.assert_close(
+        torch.sqrt(sum(((v / t[n]) ** 2).sum() for n, v in e.items())), torch.tensor(rho)
+    )
+    b = next(iter(opt.biases))
+    g_b = params[b].grad
+    g_t = torch.sqrt(sum(((t[n] * g) ** 2).sum() for n, g in opt._gradients()[0].items()))
+    torch.testing.assert_close(e[b], rho * g_b / g_t, rtol=1e-5, atol=1e-9)

@@ -36,6 +36,36 @@ place and restored bit for bit from a copy: ``bias`` (biases of the quantized la
 (affine weight and bias of BatchNorm/LayerNorm/GroupNorm), ``act_steps`` (learned step sizes of
 the activation quantizers). The official code includes biases and BN affine by default.
 
+**The ball's units (``ball``).** The authors' quantizer (``LIQ_wn``, ``models/LIQ_wn_qsam.py``)
+standardizes each conv weight with its detached mean and std before quantizing (2^b levels in
+``[-alpha, alpha]``, no zero level) and feeds the standardized ``q(w)`` to the conv (BN absorbs
+the scale), so their ``dL/dq(w)`` and ``e`` live in units of the weight's std; qatlab's LSQ
+quantizes raw weights, where the same ``rho`` is a ball 10-40x larger relative to ``||q(w)||``
+(docs/results/saq.md measures it per layer). Rather than a second quantizer, the ball is scaled
+per tensor: with ``u_k`` the unit of tensor ``k``,
+``e_k = rho u_k^2 g_k / ||(u_k g_k)_k||`` (so ``||(e_k / u_k)_k|| = rho``). ``ball="raw"``: every
+``u = 1`` (qatlab's original). ``ball="std"``: ``u`` = the detached, unbiased std of the layer's
+latent weight for that weight (and its learned step size, ``weight_steps``), 1 for everything
+else. ``ball="authors"``: ``std`` for conv layers, raw for linear ones, as their code (their
+``QLinear`` does not standardize). Why a scaled ball and not their quantizer: for a layer whose
+output scale is normalised away (BN after it), ``std_l`` times their ``e`` *is* ``e_l`` above,
+so ``rho`` means what it means in the paper, while any qatlab quantizer and any model (also
+without BN, where dropping the std changes the network) keep working; the test suite checks it
+against their ``QSAM`` on identical tensors (conv + BN + linear, W4A4). The adaptive ball in
+``std`` units is ``T = |x| + eta u`` (their ``|x'| + eta`` on standardized ``x' = x / std``).
+
+**The authors' other options.** ``weight_steps`` = their ``include_wclip`` (weight step sizes in
+the ball, perturbed in place; off by default, as theirs). ``act_steps`` = their
+``include_aclip``: on in their runs whatever the flag says (``--include_aclip False`` parses as
+``True``: argparse ``type=bool``). Their ball holds the clip ``alpha`` (activation step
+``alpha / (2^b - 1)``), qatlab's the LSQ step ``s`` (its gradient also carries LSQ's gradient
+scale), so for the same loss a step moves about ``(2^b - 1)^2`` times further in qatlab's ball
+than theirs, in step units. ``norm`` = their
+``include_bn`` (on in theirs), ``bias``: always on in theirs. Their adaptive variant (QASAM)
+leaves biases (layer and BN) unscaled: ``adaptive_bias=False``; qatlab's default ``True`` scales
+every tensor in the ball. The authors' full default ball is ``ball="authors", bias=True,
+norm=True, act_steps=True``.
+
 **Better than the official code:** the second pass runs inside
 :func:`qatlab.methods.frozen_bn_stats` (BN running statistics move once per step;
 ``bn_update=True`` gives the authors' behaviour); ``rho == 0`` skips the second pass, so the step
@@ -75,6 +105,7 @@ from qatlab.quant.layers import quant_layers
 from qatlab.quant.weights import KeptWeights, keep_quantized_weights, perturbed_weights, release
 
 CASES = (1, 2, 3)
+BALLS = ("raw", "std", "authors")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _EPS = 1e-12
 
@@ -88,6 +119,7 @@ def _distributed() -> bool:
 # every setting (docs/results/comparison.md), and docs/results/saq.md's sweep picks 0.05 for
 # every SAQ arm. Pass rho=0.3 (``--rho 0.3``) for the paper's ImageNet setting.
 DEFAULT_RHO = 0.05
+DEFAULT_BALL = "raw"
 
 
 class SAQ(OptimizerWrapper):
@@ -110,19 +142,25 @@ class SAQ(OptimizerWrapper):
         bias: bool = False,
         norm: bool = False,
         act_steps: bool = False,
+        weight_steps: bool = False,
+        ball: str = DEFAULT_BALL,
+        adaptive_bias: bool = True,
         bn_update: bool = False,
         per_replica: bool = False,
     ) -> None:
         super().__init__(base)
-        check(rho, case, every, eta)
+        check(rho, case, every, eta, ball)
         self.model = model
         self.rho, self.case, self.every = float(rho), int(case), int(every)
-        self.adaptive, self.eta = adaptive, float(eta)
+        self.adaptive, self.eta, self.adaptive_bias = adaptive, float(eta), adaptive_bias
+        self.ball = ball
         self.bn_update, self.per_replica = bn_update, per_replica
         self.layers = dict(quant_layers(model))
         if not self.layers:
             raise ConfigError("SAQ needs a quantized model (qatlab.quantize)")
-        self.extras = _extras(model, self.layers, bias, norm, act_steps)
+        self.extras, self.biases, self.step_of = _extras(
+            model, self.layers, bias, norm, act_steps, weight_steps
+        )
         self.steps = 0  # optimizer steps taken (drives `every`)
         self.last_e: dict[str, Tensor] | None = None  # the reused perturbation (every > 1)
         self._kept: KeptWeights | None = None
@@ -153,13 +191,44 @@ class SAQ(OptimizerWrapper):
                 "SAQ found no gradients: run the first forward/backward (case 3: inside "
                 "first_pass()) before first_step()"
             )
+        units = self.units(grads)
         if self.adaptive:
-            scales = {k: refs[k].abs().add(self.eta) for k in grads}
-            scaled = {k: g * scales[k] for k, g in grads.items()}
-            factor = self.rho / (grad_norm(list(scaled.values())) + _EPS)
-            return {k: s.mul_(scales[k]).mul_(factor) for k, s in scaled.items()}
-        factor = self.rho / (grad_norm(list(grads.values())) + _EPS)
-        return {k: g * factor for k, g in grads.items()}
+            scales = {
+                k: refs[k].abs().add(self.eta * units.get(k, 1.0))
+                for k in grads
+                if self.adaptive_bias or k not in self.biases
+            }
+        else:
+            scales = units
+        if not scales:  # the plain ball: e = rho g / ||g||
+            factor = self.rho / (grad_norm(list(grads.values())) + _EPS)
+            return {k: g * factor for k, g in grads.items()}
+        scaled = {k: g * scales[k] if k in scales else g.clone() for k, g in grads.items()}
+        factor = self.rho / (grad_norm(list(scaled.values())) + _EPS)
+        return {
+            k: (s.mul_(scales[k]) if k in scales else s).mul_(factor) for k, s in scaled.items()
+        }
+
+    @torch.no_grad()
+    def units(self, keys: Any = None) -> dict[str, Tensor]:
+        """The unit each tensor of the ball is measured in, where it is not 1: under
+        ``ball="std"`` the (detached, unbiased) std of the layer's latent weight for that weight
+        and its learned step size; under ``ball="authors"`` the same for conv layers only."""
+        if self.ball == "raw":
+            return {}
+        keys = set(self.layers) | set(self.step_of) if keys is None else set(keys)
+        stds: dict[str, Tensor] = {}
+        for key in keys:
+            layer = key if key in self.layers else self.step_of.get(key)
+            if layer is None:
+                continue
+            m = self.layers[layer]
+            if self.ball == "authors" and not isinstance(m, nn.modules.conv._ConvNd):
+                continue
+            if layer not in stds:
+                stds[layer] = m.weight.detach().std()
+            stds[key] = stds[layer]
+        return {k: v for k, v in stds.items() if k in keys}
 
     def first_step(self, zero_grad: bool = False) -> dict[str, Tensor]:
         """Compute ``e`` and move the model onto ``w + e`` (per case) until :meth:`restore`;
@@ -323,27 +392,46 @@ def _call(closure: Callable, sync: bool):
 
 
 def _extras(
-    model: nn.Module, layers: dict, bias: bool, norm: bool, act_steps: bool
-) -> dict[str, nn.Parameter]:
-    """The optional members of the ball, by parameter name (trainable ones only)."""
+    model: nn.Module, layers: dict, bias: bool, norm: bool, act_steps: bool, weight_steps: bool
+) -> tuple[dict[str, nn.Parameter], set[str], dict[str, str]]:
+    """The optional members of the ball, by parameter name (trainable ones only); which of them
+    are biases (left unscaled by the adaptive ball unless ``adaptive_bias``); and, for each
+    weight step size, the layer it belongs to (it shares that weight's unit)."""
     names = {id(p): n for n, p in model.named_parameters()}
     chosen: list[Tensor] = []
-    for m in layers.values():
+    bias_ids: set[int] = set()
+    owner: dict[int, str] = {}
+    for layer_name, m in layers.items():
         if bias and m.bias is not None:
             chosen.append(m.bias)
+            bias_ids.add(id(m.bias))
         q = m.input_quantizer
         step = getattr(q, "step", None) if q is not None else None
         if act_steps and isinstance(step, nn.Parameter):
             chosen.append(step)
+        wstep = getattr(m.weight_quantizer, "step", None)
+        if weight_steps and isinstance(wstep, nn.Parameter):
+            chosen.append(wstep)
+            owner[id(wstep)] = layer_name
     if norm:
         for m in model.modules():
             if isinstance(m, _NORMS):
                 chosen += [p for p in (m.weight, m.bias) if p is not None]
-    return {names[id(p)]: p for p in chosen if id(p) in names and p.requires_grad}
+                if m.bias is not None:
+                    bias_ids.add(id(m.bias))
+    extras = {names[id(p)]: p for p in chosen if id(p) in names and p.requires_grad}
+    biases = {k for k, p in extras.items() if id(p) in bias_ids}
+    steps = {k: owner[id(p)] for k, p in extras.items() if id(p) in owner}
+    return extras, biases, steps
 
 
-def check(rho: float, case: int, every: int, eta: float) -> None:
+def check(rho: float, case: int, every: int, eta: float, ball: str = "raw") -> None:
     """One-line ConfigErrors for impossible options."""
+    if ball not in BALLS:
+        raise ConfigError(
+            f"method.ball must be one of {', '.join(BALLS)} (std = rho in units of each "
+            f"weight's std, as the SAQ authors' standardized weights), got {ball!r}"
+        )
     if case not in CASES:
         raise ConfigError(f"method.case must be 1, 2 or 3 (3 = SAQ), got {case!r}")
     if not rho >= 0:
@@ -365,6 +453,7 @@ class SAQHook(Hook):
             options.get("case", 3),
             options.get("every", 1),
             options.get("eta", 0.01),
+            options.get("ball", DEFAULT_BALL),
         )
         self.options = options
         self.optimizer: SAQ | None = None
@@ -387,10 +476,13 @@ def _saq(
     bias: bool = False,
     norm: bool = False,
     act_steps: bool = False,
+    weight_steps: bool = False,
+    ball: str = DEFAULT_BALL,
+    adaptive_bias: bool = True,
     bn_update: bool = False,
     per_replica: bool = False,
 ) -> list[Hook]:
-    """Sharpness-aware quantization (Liu et al.): SAM on q(w); case 1/2/3, every=k efficient."""
+    """Sharpness-aware quantization (Liu et al.): SAM on q(w); case 1/2/3, ball raw/std, every=k."""
     return [
         SAQHook(
             rho=rho,
@@ -401,6 +493,9 @@ def _saq(
             bias=bias,
             norm=norm,
             act_steps=act_steps,
+            weight_steps=weight_steps,
+            ball=ball,
+            adaptive_bias=adaptive_bias,
             bn_update=bn_update,
             per_replica=per_replica,
         )
