@@ -2,8 +2,8 @@
 and ``train.compile`` runs resume into eager ones and back with the same state dict keys.
 
 Compiling is slow on CPU (tens of seconds per graph on 2 cores), so these tests use tiny nets,
-compile as few graphs as they can (one model holds the 2-, 4- and 8-bit layers) and are marked
-``compile``: ``pytest -m "not compile"`` skips them.
+compile as few graphs as they can (one model holds the 2-, 4- and 8-bit layers) and those that
+compile are marked ``compile``: ``pytest -m "not compile"`` skips them.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from torch import nn
 import qatlab
 from qatlab.quant import quantizers
 from qatlab.quant.layers import quant_layers
-from qatlab.train import TrainConfig, fit
+from qatlab.train import Hook, TrainConfig, fit
 from qatlab.train.checkpoint import load_checkpoint
 from qatlab.train.metrics import read_jsonl
-
-pytestmark = pytest.mark.compile
 
 
 def _net() -> nn.Module:
@@ -68,6 +66,7 @@ def _forward_backward(run: nn.Module, model: nn.Module, x: torch.Tensor, y: torc
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_compiled_model_matches_eager(granularity):
     """Outputs, latent-weight and step-size gradients of the compiled model (the traceable
@@ -94,6 +93,7 @@ def test_compiled_model_matches_eager(granularity):
         torch.testing.assert_close(grads_c[name], ge, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.compile
 def test_compiled_run_resumes_eager_and_back(tiny_data, tmp_path):
     """Epoch 1 compiled, epoch 2 eager (resumed), epoch 3 compiled again: same state dict keys
     (no ``_orig_mod.``) in every checkpoint, compile time logged, training goes on."""
@@ -101,7 +101,7 @@ def test_compiled_run_resumes_eager_and_back(tiny_data, tmp_path):
 
     def model() -> nn.Module:
         torch.manual_seed(0)
-        net = models.create("cnn1d", tiny_data.num_classes, tiny_data.input_shape)
+        net = models.create("mlp5", tiny_data.num_classes, tiny_data.input_shape)
         net = qatlab.quantize(net, qatlab.QuantConfig(weight_bits=4, act_bits=4))
         qatlab.calibrate(net, [tiny_data.train_eval[i][0][None] for i in range(64)])
         return net
@@ -135,3 +135,23 @@ def test_fit_unwraps_a_compiled_model(tiny_data, tmp_path):
     fit(torch.compile(net), tiny_data, cfg, run_dir=tmp_path / "run")
     saved = load_checkpoint(tmp_path / "run" / "ckpt.pt")["model"]
     assert list(saved) == list(net.state_dict())
+
+
+class _EagerOnly(Hook):
+    eager_only = True
+
+
+def test_eager_only_method_is_not_compiled(tiny_data, tmp_path, capsys):
+    """A method marked ``eager_only`` (SAQ) trains eagerly under train.compile, said once."""
+    from qatlab import models
+    from qatlab.methods.saq import SAQHook
+
+    assert SAQHook.eager_only and not Hook.eager_only
+    torch.manual_seed(0)
+    net = models.create("mlp5", tiny_data.num_classes, tiny_data.input_shape)
+    cfg = TrainConfig(epochs=1, batch_size=512, progress=False, eval_batch_size=1000, compile=True)
+    fit(net, tiny_data, cfg, hooks=[_EagerOnly()], run_dir=tmp_path / "run", verbose=True)
+    out = capsys.readouterr().out
+    assert out.count("_EagerOnly runs eager only; not compiling") == 1
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert not any("compile_s" in r for r in records)
