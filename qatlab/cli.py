@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the training step (train.compile; the first step compiles)",
+    )
     p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's weights")
     p.add_argument(
         "--resume",
@@ -321,6 +327,7 @@ def config_from_args(args: argparse.Namespace):
         "train.batch_size": args.batch_size,
         "train.seed": args.seed,
         "train.device": args.device,
+        "train.compile": args.compile,
         "init_from": args.init_from,
     }
     flags.update({f"method.{opt}": getattr(args, attr) for attr, opt in METHOD_FLAGS.items()})

@@ -62,7 +62,13 @@ class Hook:
 
     State that must survive a restart goes in :meth:`state_dict` (a Hook that is also an
     ``nn.Module`` gets its buffers saved through ``nn.Module.state_dict``).
+
+    ``eager_only = True`` marks a method whose forward pass ``torch.compile`` cannot follow
+    (it keeps intermediate tensors' gradients): ``train.compile`` then trains eagerly and
+    says so in one line.
     """
+
+    eager_only: bool = False
 
     def loss_term(self, model: nn.Module, step: int, total_steps: int) -> Tensor | None:
         return None

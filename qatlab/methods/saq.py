@@ -447,6 +447,10 @@ def check(rho: float, case: int, every: int, eta: float, ball: str = "raw") -> N
 class SAQHook(Hook):
     """The method as a hook: wraps the loop's optimizer in :class:`SAQ`."""
 
+    # the first pass keeps q(w) and its gradient (retain_grad on a forward intermediate),
+    # which a compiled graph does not expose: SAQ trains eagerly under train.compile
+    eager_only = True
+
     def __init__(self, **options: Any) -> None:
         check(
             options.get("rho", DEFAULT_RHO),

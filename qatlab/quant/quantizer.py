@@ -47,41 +47,96 @@ class _FakeQuant(torch.autograd.Function):
 
     ``dx = g * inside`` and ``ds = sum(g * (q - x/s))`` inside the range, ``sum(g * q)`` where
     clipped (q = n or p), as ``torch._fake_quantize_learnable_*`` defines them (its in-range
-    test is on the rounded value). Only ``x`` is saved; backward recomputes the rest in a few
-    vectorised passes with two fresh buffers: PyTorch's own fused kernels are several times
-    slower on CPU, and every fresh large buffer costs page faults.
+    test is on the rounded value: ``n - 0.5 < x/s < p + 0.5``, exact ties aside). The hand-tuned
+    eager kernel: PyTorch's own fused kernels (and any op on a bool mask) are several times
+    slower on CPU, and every fresh large buffer costs page faults, so the work is a few
+    vectorised in-place passes.
+
+    Per tensor on CPU, backward reads the saved output ``out = s * levels`` (the next layer's
+    input, which that layer saves anyway: no extra memory): ``sum g*levels = <g, out> / s`` and
+    the in-range test is ``(n - 0.5) s < x < (p + 0.5) s``, so backward is one
+    ``hardtanh_backward`` and two dot products. Elsewhere (per channel, or on an accelerator,
+    where ``float(step)`` would be a host sync) it recomputes ``x / s`` from ``x``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, n: int, p: int, grad_scale: float) -> Tensor:
         s = _broadcast(step, x)
-        out = torch.mul(x, 1.0 / s)
-        out.round_().clamp_(n, p).mul_(s)
-        ctx.save_for_backward(x, step)
+        out = torch.mul(x, s.reciprocal())
+        out.round_().clamp_(float(n), float(p)).mul_(s)
+        ctx.from_out = step.dim() == 0 and x.device.type == "cpu"
+        ctx.save_for_backward(x, step, out if ctx.from_out else None)
         ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
         return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, step, out = ctx.saved_tensors
+        n, p = ctx.n, ctx.p
+        grad_step = None
+        if ctx.from_out:
+            s = float(step)
+            grad_x = torch.ops.aten.hardtanh_backward(grad, x, (n - 0.5) * s, (p + 0.5) * s)
+            if ctx.needs_input_grad[1]:
+                g = grad.reshape(-1)
+                inner = torch.dot(grad_x.reshape(-1), x.reshape(-1))
+                grad_step = (torch.dot(g, out.reshape(-1)) - inner) * (ctx.grad_scale / s)
+            return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+        s = _broadcast(step, x)
+        scaled = torch.mul(x, s.reciprocal())
+        # inside <=> n <= round(x/s) <= p <=> n - 0.5 < x/s < p + 0.5 (exact ties aside)
+        grad_x = torch.ops.aten.hardtanh_backward(grad, scaled, n - 0.5, p + 0.5)
+        if ctx.needs_input_grad[1]:
+            # sum g*(q - x/s) inside + g*q outside  ==  sum g*q - sum (g*inside)*(x/s)
+            if step.dim() == 0:
+                inner = torch.dot(grad_x.reshape(-1), scaled.reshape(-1))
+                levels = scaled.round_().clamp_(float(n), float(p))
+                grad_step = torch.dot(grad.reshape(-1), levels.reshape(-1)) - inner
+            else:
+                rows = step.numel()
+                inner = (grad_x * scaled).reshape(rows, -1).sum(1)
+                levels = scaled.round_().clamp_(float(n), float(p))
+                grad_step = (grad * levels).reshape(rows, -1).sum(1) - inner
+            grad_step = grad_step * ctx.grad_scale
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+
+
+class _FakeQuantTraceable(torch.autograd.Function):
+    """The same function and gradients in out-of-place ops only, for ``torch.compile``.
+
+    Dynamo traces both passes and the compiler fuses them with their neighbours (a
+    BatchNorm/ReLU before, the conv's input after; the step gradient becomes one reduction in
+    the same loop as ``dx``), which the in-place eager kernel cannot offer it.
+    :func:`fake_quantize` picks this form while compiling and :class:`_FakeQuant` otherwise.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, step: Tensor, n: int, p: int, grad_scale: float) -> Tensor:
+        s = _broadcast(step, x)
+        return torch.clamp(torch.round(x * s.reciprocal()), n, p) * s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, step, n, p, grad_scale = inputs
+        ctx.save_for_backward(x, step)
+        ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, step = ctx.saved_tensors
         n, p = ctx.n, ctx.p
         s = _broadcast(step, x)
-        scaled = torch.mul(x, 1.0 / s)
-        # inside <=> n <= round(x/s) <= p <=> n - 0.5 < x/s < p + 0.5 (exact ties aside)
-        grad_x = torch.ops.aten.hardtanh_backward(grad, scaled, n - 0.5, p + 0.5)
+        scaled = x * s.reciprocal()
+        inside = (scaled > n - 0.5) & (scaled < p + 0.5)
+        grad_x = torch.where(inside, grad, 0.0)
         grad_step = None
         if ctx.needs_input_grad[1]:
-            # sum g*(q - x/s) inside + g*q outside  ==  sum g*q - sum (g*inside)*(x/s)
+            levels = torch.clamp(torch.round(scaled), n, p)
+            per_elem = grad * levels - grad_x * scaled
             if step.dim() == 0:
-                inner = torch.dot(grad_x.reshape(-1), scaled.reshape(-1))
-                levels = scaled.round_().clamp_(n, p)
-                grad_step = torch.dot(grad.reshape(-1), levels.reshape(-1)) - inner
+                grad_step = per_elem.sum() * ctx.grad_scale
             else:
-                rows = step.numel()
-                inner = (grad_x * scaled).reshape(rows, -1).sum(1)
-                levels = scaled.round_().clamp_(n, p)
-                grad_step = (grad * levels).reshape(rows, -1).sum(1) - inner
-            grad_step = grad_step * ctx.grad_scale
+                grad_step = per_elem.reshape(step.numel(), -1).sum(1) * ctx.grad_scale
         return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
 
 
@@ -91,7 +146,14 @@ def _broadcast(step: Tensor, x: Tensor) -> Tensor:
 
 
 def fake_quantize(x: Tensor, step: Tensor, n: int, p: int, grad_scale: float = 1.0) -> Tensor:
-    """``step * clamp(round(x / step), n, p)``; per channel (axis 0) when ``step`` is 1-D."""
+    """``step * clamp(round(x / step), n, p)``; per channel (axis 0) when ``step`` is 1-D.
+
+    LSQ's gradients for ``x`` and ``step`` (the latter times ``grad_scale``). Under
+    ``torch.compile`` a traceable form the compiler can fuse; eagerly a hand-tuned kernel;
+    both give the same values and gradients (float32 rounding aside).
+    """
+    if torch.compiler.is_compiling():
+        return _FakeQuantTraceable.apply(x, step, n, p, grad_scale)
     return _FakeQuant.apply(x, step, n, p, grad_scale)
 
 
@@ -359,6 +421,13 @@ class Quantizer(nn.Module):
         self._samples.append(rows.clone())
 
     # ---------------------------------------------------------------- state
+    def settle(self) -> None:
+        """Read ``initialized`` into the Python flag now (after a state-dict load it is read
+        lazily by the next forward): a host read that should not happen inside a compiled
+        graph (``torch.compile`` would break the graph there and compile twice)."""
+        if self._ready is None:
+            self._ready = bool(self.initialized)
+
     def get_extra_state(self) -> dict:
         return {"bits": self.bits, "signed": self.signed, "fixed_bits": self.fixed_bits}
 

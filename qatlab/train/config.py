@@ -182,6 +182,9 @@ class TrainConfig:
     log_transitions: bool = True  # quantized runs: log the transition rate ``tr`` per epoch
     divergence_factor: float = 100.0  # stop when the loss exceeds this x the first (0 = never)
     progress: bool = True  # tqdm bar (shown only when stderr is a terminal)
+    # torch.compile the training forward (and its backward); evaluation and the methods' own
+    # work stay eager. A run may be resumed with it switched on or off.
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -59,6 +59,7 @@ RESUMABLE = (
     "divergence_factor",
     "deterministic",
     "num_workers",
+    "compile",
 )
 # steps between divergence checks (each a host sync, and a collective under torchrun) when
 # train.log_every is 0; otherwise the check runs at every logging step
@@ -156,6 +157,36 @@ def transition_counter(model: nn.Module, hooks: Sequence[Hook] = ()) -> Transiti
     return TransitionCounter(model)
 
 
+def compiled(
+    net: nn.Module, model: nn.Module, hooks: Sequence[Hook] = (), verbose: bool = False
+) -> nn.Module:
+    """``torch.compile(net)`` for the training forward and backward (``train.compile``).
+
+    ``model`` (the bare module) keeps owning the parameters and state dicts, so checkpoints
+    hold no ``_orig_mod.`` prefixes and a compiled run resumes into an eager one and back.
+    A hook with ``eager_only = True`` (a method whose forward pass the compiler cannot
+    follow) keeps the whole run eager, said in one line. The first step compiles; its time
+    is logged as ``compile_s``.
+    """
+    eager = sorted({type(h).__name__ for h in hooks if getattr(h, "eager_only", False)})
+    if eager:
+        if verbose:
+            print(f"train.compile: {', '.join(eager)} runs eager only; not compiling", flush=True)
+        return net
+    for module in model.modules():  # settle lazily read flags now, not inside the graph
+        settle = getattr(module, "settle", None)
+        if callable(settle):
+            settle()
+    net = torch.compile(net)
+    net._qatlab_compile_pending = True
+    return net
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module behind a ``torch.compile`` wrapper (``model`` itself if not compiled)."""
+    return getattr(model, "_orig_mod", model)
+
+
 # ----------------------------------------------------------------------------- fit
 @dataclass
 class TrainState:
@@ -195,6 +226,7 @@ def fit(
     model from the checkpoint alone.
     """
     cfg = dataclasses.replace(cfg).validate()
+    model = uncompiled(model)  # state dicts are the bare module's (no ``_orig_mod.`` keys)
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume and run_dir is None:
         raise ConfigError("resume=True needs the run_dir of the run to continue")
@@ -217,6 +249,8 @@ def fit(
         total_steps = cfg.epochs * steps_per_epoch
         optimizer = build_optimizer(model, cfg, hooks)
         net = distributed.wrap_model(model, dev)
+        if cfg.compile:
+            net = compiled(net, model, hooks, verbose=verbose and dev.is_main)
         state, best_state = TrainState(), None
         if ckpt is None:
             records = [_start_record(model, data, cfg, hooks)]
@@ -324,6 +358,7 @@ def _train_epoch(
     check_every = cfg.log_every or CHECK_EVERY
     first: torch.Tensor | None = None  # the run's first loss, read at the first check
     loader = train_loader(data, cfg, epoch - 1, dev.rank, dev.world_size, dev.device)
+    compile_s = None  # a compiled net compiles in its first step (of this process)
     try:
         for x, y in loader:
             x = x.to(dev.device, non_blocking=True)
@@ -331,7 +366,12 @@ def _train_epoch(
             factor = lr_factor(cfg, state.step, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:  # the loop owns the LR (methods.base, rule 1)
                 group["lr"] = group["initial_lr"] * factor
+            first_compiled = getattr(net, "_qatlab_compile_pending", False)
+            t0 = time.perf_counter()
             out = train_step(model, x, y, optimizer, hooks, state.step, total_steps, net=net)
+            if first_compiled:
+                net._qatlab_compile_pending = False
+                compile_s = time.perf_counter() - t0
             sums[0] += out.loss * len(y)
             sums[1] += (out.logits.argmax(1) == y).sum()
             sums[2] += len(y)
@@ -370,6 +410,8 @@ def _train_epoch(
         "train_loss": float(sums[0] / sums[2]),
         "train_acc": float(sums[1] / sums[2]),
     }
+    if compile_s is not None:
+        record["compile_s"] = round(compile_s, 3)  # the first step, compilation included
     if changed:
         sizes = {n: counter.previous(n).numel() for n in changed}
         counts = {n: int(c) for n, c in changed.items()}
@@ -705,4 +747,6 @@ def _line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}")
     if "time_s" in record:
         parts.append(f"{record['time_s']:.1f}s")
+    if "compile_s" in record:
+        parts.append(f"compile {record['compile_s']:.1f}s")
     return " | ".join(parts)
