@@ -477,3 +477,18 @@ def test_training_subset_is_fixed_and_seeded():
     assert torch.equal(training_subset(ds, None)[0], ds.x)
     with pytest.raises(ConfigError):
         training_subset(ds, 0)
+
+
+def test_search_options_progress_and_errors():
+    model, x, y = linear_problem(d=10, n=200)
+    seen = []
+    res = sigma_search(model, x, y, draws=2, steps=4, progress=lambda k, n, i: seen.append((k, n)))
+    assert seen == [(k, 4) for k in range(res["evals"])]
+    with pytest.raises(ConfigError, match="perturb"):
+        sigma_search(model, x, y, perturb="weights")
+    with pytest.raises(ConfigError, match="target"):
+        alpha_search(model, x, y, target=1.5)
+    with pytest.raises(ConfigError, match="matching"):
+        sigma_search(model, x, y[:5])
+    with pytest.raises(ConfigError, match="dims"):
+        loss_landscape(model, x, y, dims=3)

@@ -443,6 +443,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, data_cache):
         "best.pt",
         "ckpt.pt",
         "curves.png",
+        "init.pt",
         "metrics.jsonl",
         "summary.json",
     ]

@@ -92,7 +92,7 @@ def _fold_pairs(model: nn.Module) -> dict[str, tuple[str, nn.Module, nn.Module]]
     prev: tuple[str, nn.Module] | None = None
     for name, m in model.named_modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            prev = (name, m)
+            prev = None if getattr(m, "transposed", False) else (name, m)
         elif isinstance(m, _BN):
             if (
                 prev is not None
