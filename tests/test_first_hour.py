@@ -94,11 +94,23 @@ def test_a_step_size_driven_negative_is_kept_positive_with_one_warning_naming_th
         assert float(other.detach()) == pytest.approx(before_other * 0.9, rel=1e-5)  # untouched
         for _ in range(3):  # it keeps trying: still positive, no second warning
             opt.step()
-    assert float(head.detach()) == pytest.approx(1e-4 * before_head, rel=1e-5) > 0
+    assert float(head.detach()) == pytest.approx(1e-4 * before_head, rel=1e-5)
+    assert float(head.detach()) > 0
     guard = [w for w in caught if "step size" in str(w.message)]
     assert len(guard) == 1
     assert "weight step size of layer '4'" in str(guard[0].message)
     assert "qatlab.optimizer" in str(guard[0].message)
+
+    # a deep copy (a reference model, an EMA copy...) is guarded alike
+    import copy
+
+    twin = copy.deepcopy(small_qmodel())
+    step = twin[4].weight_quantizer.step
+    start = float(step.detach())
+    step.grad = torch.tensor(1.0)
+    with pytest.warns(RuntimeWarning, match="weight step size of layer '4'"):
+        torch.optim.SGD([step], lr=1000.0).step()
+    assert float(step.detach()) == pytest.approx(0.1 * start, rel=1e-6)
 
 
 def test_the_guard_leaves_qatlabs_own_recipe_bit_for_bit_alone():

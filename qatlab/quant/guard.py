@@ -38,11 +38,21 @@ class _Plan:
         self.calls = 0
 
 
-def watch(layer: str, role: str, step: nn.Parameter) -> None:
-    """Guard ``step``, the learned ``role`` ("weight" or "input") step size of the layer named
-    ``layer``, in every optimizer."""
-    setattr(step, _ATTR, f"{role} step size of layer {layer!r}")
-    _install()
+def watch(layer: str, role: str, quantizer: nn.Module) -> None:
+    """Guard the learned step of ``quantizer``, the ``role`` ("weight" or "input") quantizer
+    of the layer named ``layer``, in every optimizer."""
+    quantizer._guard_label = f"{role} step size of layer {layer!r}"
+    mark(quantizer)
+
+
+def mark(quantizer: nn.Module) -> None:
+    """Mark the quantizer's step parameter as watched; also for a deep copy or an unpickled
+    model (``Quantizer.__setstate__``), whose new parameters would otherwise go unguarded."""
+    label = getattr(quantizer, "_guard_label", None)
+    step = quantizer._parameters.get("step")
+    if label is not None and step is not None:
+        setattr(step, _ATTR, label)
+        _install()
 
 
 def _install() -> None:

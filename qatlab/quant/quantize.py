@@ -76,7 +76,7 @@ def quantize(
     for name, new in swapped.items():  # learned step sizes stay positive (quant/guard.py)
         for role, q in (("weight", new.weight_quantizer), ("input", new.input_quantizer)):
             if q is not None and isinstance(q.step, nn.Parameter):
-                watch(name or "<root>", role, q.step)
+                watch(name or "<root>", role, q)
     if "" in swapped:
         return swapped[""]
     for name, new in swapped.items():

@@ -431,6 +431,12 @@ class Quantizer(nn.Module):
     def get_extra_state(self) -> dict:
         return {"bits": self.bits, "signed": self.signed, "fixed_bits": self.fixed_bits}
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        from qatlab.quant.guard import mark
+
+        mark(self)  # a deep copy's learned step stays guarded like the original's
+
     def set_extra_state(self, state: dict) -> None:
         self.bits = state["bits"]
         self.signed = state["signed"]
