@@ -287,6 +287,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
+    for r in rows:
+        r["final_gap"] = r["final_train"] - r["final_test"]
     by_arm = {k[0]: v for k, v in _groups(rows, ("arm",)).items()}
     lsq_sel, saq_sel = chosen["LSQ"][0], chosen["SAQ (either ball)"][0]
     plain = arm_name(None, None, LR)
@@ -422,6 +424,8 @@ def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
             "",
             *_verdict(by_arm, chosen, plain, twice),
             "",
+            *_why(by_arm, plain, twice, sizes),
+            "",
             "## Paired differences (points; 95% t-interval; wins/losses over seeds)",
             "",
             *pair_lines,
@@ -432,8 +436,8 @@ def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
             "",
             "## What was cut to fit the budget (a 2-core machine shared by ~8 jobs)",
             "",
-            f"- Settings: only {', '.join(settings)}; W2A2/W3A3 and the other models were not "
-            "re-run. SAQ's lr, the step-size recipe and the epoch count are fixed, not tuned.",
+            f"- Settings: only {', '.join(settings)}; W2A2 and larger models were not run. "
+            "SAQ's lr, the step-size recipe and the epoch count are fixed, not tuned.",
             "- Cases 1 and 2 and the efficient variant (`every=4`) were not re-run under the new "
             "ball; their raw-ball comparison is in this page's previous version (git history).",
             "- Raw-ball rho 0.01 and 0.2 were dropped from the grid (0.2 was below 0.05 in the "
@@ -449,11 +453,12 @@ def _verdict(by_arm: dict, chosen: dict, plain: str, twice: str) -> list[str]:
     """Plain sentences from the numbers: what validation selected, and whether the paper's rho
     under each ball trains at least as well as plain QAT (pooled paired test differences)."""
 
-    def word(p: dict) -> str:
+    def word(p: dict, metric: str) -> str:
+        up, down = ("larger", "smaller") if metric == "final_gap" else ("better", "worse")
         if p["lo"] > 0:
-            return "better"
+            return up
         if p["hi"] < 0:
-            return "worse"
+            return down
         return "CI spans 0"
 
     from qatlab.methods.saq import DEFAULT_BALL, DEFAULT_RHO
@@ -486,16 +491,50 @@ def _verdict(by_arm: dict, chosen: dict, plain: str, twice: str) -> list[str]:
             ("best_test", "early-stopped"),
             ("final_test", "final-epoch"),
             ("final_train", "final train accuracy"),
+            ("final_gap", "final train-test gap"),
         ):
             p = paired(by_arm[arm], by_arm[plain], metric)
             parts.append(
                 f"{label} {100 * p['mean']:+.2f} [{100 * p['lo']:+.2f}, "
-                f"{100 * p['hi']:+.2f}], {word(p)} ({p['wins']}/{p['losses']})"
+                f"{100 * p['hi']:+.2f}], {word(p, metric)} ({p['wins']}/{p['losses']})"
             )
         lines.append(
             f"- `{arm}` − `{plain}` over all settings and seeds: " + "; ".join(parts) + "."
         )
     return lines
+
+
+def _why(by_arm: dict, plain: str, twice: str, sizes: list[dict]) -> list[str]:
+    """Why the paper's rho does (not) train as well as plain QAT here, from the numbers."""
+    need = ("SAQ std rho=0.3", "SAQ raw rho=0.3", plain, twice)
+    if any(a not in by_arm for a in need):
+        return []
+
+    def diff(arm: str, metric: str, base: str = plain) -> str:
+        p = paired(by_arm[arm], by_arm[base], metric)
+        return f"{100 * p['mean']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]"
+
+    rel = [r["rel"] for r in sizes if r["ball"] == "std"]
+    return [
+        "",
+        "**Why (not) at the paper's rho.** In std units rho 0.3 moves each weight tensor by "
+        f"{100 * min(rel):.2f}-{100 * max(rel):.2f}% of its norm at initialisation (table "
+        "above), where the raw ball moved the hidden layers 10-40x further; SAQ's cost against "
+        "plain QAT (early-stopped test, points) drops from "
+        f"{diff('SAQ raw rho=0.3', 'best_test')} (raw) to "
+        f"{diff('SAQ std rho=0.3', 'best_test')} (std). What is left is a cost in *fitting*: "
+        f"final train accuracy {diff('SAQ std rho=0.3', 'final_train')}, while the train-test "
+        f"gap it narrows moves by {diff('SAQ std rho=0.3', 'final_gap')}. On this set-up test "
+        "accuracy follows fitting, not the gap: plain LSQ with twice the steps gains "
+        f"{diff(twice, 'best_test')} test and {diff(twice, 'final_train')} train accuracy with a "
+        f"*larger* gap ({diff(twice, 'final_gap')}); mlp5 ends far from fitting its training "
+        "set (train accuracy in the table below). "
+        "SAM-type methods trade fitting speed for flatness; they pay off when training has "
+        "converged and the gap dominates. The paper's setting differs in exactly that (and "
+        "this study does not test which part matters): it fine-tunes a pretrained "
+        "full-precision model for 90 (ImageNet) or 200 (CIFAR-100) epochs with SGD; here LSQ "
+        "trains from scratch for 12 epochs with Adam.",
+    ]
 
 
 def _setting(row: dict) -> str:
