@@ -287,18 +287,23 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
-    for r in rows:
-        r["final_gap"] = r["final_train"] - r["final_test"]
-    by_arm = {k[0]: v for k, v in _groups(rows, ("arm",)).items()}
-    lsq_sel, saq_sel = chosen["LSQ"][0], chosen["SAQ (either ball)"][0]
     plain = arm_name(None, None, LR)
     twice = arm_name(None, None, LR, twice=True)
+    base = {(r["model"], r["bits"], r["seed"]): r["wall_time_s"] for r in rows if r["arm"] == plain}
+    for r in rows:
+        r["final_gap"] = r["final_train"] - r["final_test"]
+        ref = base.get((r["model"], r["bits"], r["seed"]))
+        r["time_ratio"] = r["wall_time_s"] / ref if ref else None
+    by_arm = {k[0]: v for k, v in _groups(rows, ("arm",)).items()}
+    lsq_sel, saq_sel = chosen["LSQ"][0], chosen["SAQ (either ball)"][0]
     settings = [f"{m} W{b}A{b}" for m, b in SETTINGS]
     train_s = sum(r["wall_time_s"] for r in rows)
 
     # sweep table: every arm, every setting, mean ± std over seeds
     table = mean_std(
-        rows, ["model", "bits", "arm"], ["best_val", "best_test", "final_test", "final_train"]
+        rows,
+        ["model", "bits", "arm"],
+        ["best_val", "best_test", "final_test", "final_train", "time_ratio"],
     )
     order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"] for r in rows))}
     table.sort(key=lambda r: (r["model"], r["bits"], order[r["arm"]]))
@@ -310,6 +315,7 @@ def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
         ("best_test", "test acc, best val"),
         ("final_test", "test acc, final"),
         ("final_train", "train acc, final"),
+        ("time_ratio", "time vs LSQ"),
     ]
 
     # selection table
@@ -432,7 +438,11 @@ def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
             "",
             "## Every arm (mean ± std over seeds, %)",
             "",
-            markdown_table(table, cols),
+            markdown_table(table, cols, {"time_ratio": (1.0, 2)}),
+            "",
+            f"Time vs LSQ: training wall time over the `{plain}` run of the same setting and "
+            "seed (per-epoch validation included; sequential runs on a loaded shared machine, "
+            "so noisy; benchmarks/method_overhead.py is the cost figure to use).",
             "",
             "## What was cut to fit the budget (a 2-core machine shared by ~8 jobs)",
             "",
