@@ -229,8 +229,10 @@ class SAQ(OptimizerWrapper):
             if layer is None:
                 continue
             m = self.layers[layer]
-            if self.ball == "authors" and not isinstance(m, nn.modules.conv._ConvNd):
-                continue
+            if m.weight.numel() < 2 or (
+                self.ball == "authors" and not isinstance(m, nn.modules.conv._ConvNd)
+            ):
+                continue  # no std of one number; the authors standardize conv weights only
             if layer not in stds:
                 stds[layer] = m.weight.detach().std()
             stds[key] = stds[layer]
