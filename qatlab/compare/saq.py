@@ -414,13 +414,13 @@ def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
             "1.0, about the size of raw 0.05, since the raw ball is 10-40x larger for the same "
             "rho); LSQ lr in {"
             + ", ".join(f"{lr:g}" for lr in LRS)
-            + "} (the same number of candidates as a ball's grid, for the same selection rule); "
+            + "} (3 candidates, between the raw grid's 2 and the std grid's 4, selected by the same rule); "
             f"`{twice}` = LSQ at lr {LR:g} with {2 * epochs} epochs (twice the steps: SAQ's two "
             "passes per step).",
             "- Selection rule (validation only): the candidate with the highest best-epoch "
             "validation accuracy, averaged over all settings and seeds (one default for all "
-            "settings). Test accuracy is read only for the chosen candidates and fixed reference "
-            "arms.",
+            "settings). Test accuracy played no part in any choice; the tables show it for every "
+            "arm for transparency.",
             "- Comparisons: paired differences per (setting, seed), mean with a 95% Student-t "
             "interval over the pairs, wins/losses; points of accuracy.",
             "",
