@@ -414,7 +414,8 @@ def _markdown(rows, chosen, sizes, seeds, epochs, wall, quick) -> str:
             "1.0, about the size of raw 0.05, since the raw ball is 10-40x larger for the same "
             "rho); LSQ lr in {"
             + ", ".join(f"{lr:g}" for lr in LRS)
-            + "} (3 candidates, between the raw grid's 2 and the std grid's 4, selected by the same rule); "
+            + "} (3 candidates, between the raw grid's 2 and the std grid's 4, selected by the "
+            "same rule); "
             f"`{twice}` = LSQ at lr {LR:g} with {2 * epochs} epochs (twice the steps: SAQ's two "
             "passes per step).",
             "- Selection rule (validation only): the candidate with the highest best-epoch "
