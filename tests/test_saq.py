@@ -116,7 +116,7 @@ def _grad_wrt_qweights(model, x, y) -> dict[str, torch.Tensor]:
 
 def test_case3_perturbation_has_norm_rho_from_quantized_grad_and_moves_only_qw():
     model, rho = _model(bits=2), 0.2
-    opt = SAQ(_sgd(model), model, rho=rho, case=3)
+    opt = SAQ(_sgd(model), model, rho=rho, case=3, ball="raw")
     ((x, y),) = _batches(1)
     reference = _grad_wrt_qweights(model, x, y)
     with opt.first_pass():
@@ -150,7 +150,7 @@ def test_case3_perturbation_has_norm_rho_from_quantized_grad_and_moves_only_qw()
 def test_case1_uses_latent_gradient_and_adaptive_ball_has_rho_in_T_metric():
     model = _model()
     ((x, y),) = _batches(1)
-    opt = SAQ(_sgd(model), model, rho=0.1, case=1)
+    opt = SAQ(_sgd(model), model, rho=0.1, case=1, ball="raw")
     F.cross_entropy(model(x), y).backward()
     latent = {n: m.weight.grad for n, m in quant_layers(model)}
     e = opt.perturbation()
@@ -158,7 +158,7 @@ def test_case1_uses_latent_gradient_and_adaptive_ball_has_rho_in_T_metric():
     for n, g in latent.items():
         torch.testing.assert_close(e[n], 0.1 * g / total, rtol=1e-5, atol=1e-9)
 
-    opt = SAQ(_sgd(model), model, rho=0.1, case=3, adaptive=True, eta=0.01)
+    opt = SAQ(_sgd(model), model, rho=0.1, case=3, adaptive=True, eta=0.01, ball="raw")
     model.zero_grad()
     with opt.first_pass():
         F.cross_entropy(model(x), y).backward()
@@ -173,7 +173,7 @@ def test_case2_small_rho_barely_changes_the_integers():
     """Plain SAM on latent weights: rounding swallows most of a small perturbation."""
     model, rho = _model(bits=3, pinned="same"), 0.05  # every layer at 3 bits
     ((x, y),) = _batches(1)
-    opt = SAQ(_sgd(model), model, rho=rho, case=2)
+    opt = SAQ(_sgd(model), model, rho=rho, case=2, ball="raw")
     ints = {n: m.weight_int().clone() for n, m in quant_layers(model)}
     before = _snapshot(model)
     F.cross_entropy(model(x), y).backward()
@@ -186,7 +186,7 @@ def test_case2_small_rho_barely_changes_the_integers():
     assert share < 0.03, share  # the "diminishing" effect
     # while the same ball in case 3 moves every weight with a gradient (none is swallowed)
     model.zero_grad()
-    opt3 = SAQ(_sgd(model), model, rho=rho, case=3)
+    opt3 = SAQ(_sgd(model), model, rho=rho, case=3, ball="raw")
     opt.restore()
     with opt3.first_pass():
         F.cross_entropy(model(x), y).backward()
@@ -248,7 +248,7 @@ def test_bn_running_stats_change_once_per_step(bn_update, every, expected):
 # ----------------------------------------------------------------------------- efficient variant
 def test_efficient_variant_one_pass_between_fresh_steps_and_reuses_e():
     model = _model()
-    opt = SAQ(_sgd(model), model, rho=0.3, every=3)
+    opt = SAQ(_sgd(model), model, rho=0.3, every=3, ball="raw")
     passes = []
     for x, y in _batches(7):
         calls: list = []
@@ -656,7 +656,10 @@ def test_std_ball_measures_each_weight_in_its_std_and_adaptive_can_leave_biases_
 
     # adaptive, biases in the ball: T = |x| + eta * unit for weights, T = 1 for biases
     model.zero_grad()
-    opt = SAQ(_sgd(model), model, rho=rho, adaptive=True, adaptive_bias=False, bias=True, norm=True)
+    opt = SAQ(
+        _sgd(model), model, rho=rho, adaptive=True, adaptive_bias=False, bias=True, norm=True,
+        ball="raw",
+    )
     with opt.first_pass():
         F.cross_entropy(model(x), y).backward()
     kept = {n: t.detach() for n, t in opt._kept.tensors().items()}
