@@ -7,8 +7,9 @@ parameters(), lr=0.01)``) can go negative in a few updates; the quantizer then c
 optimizer step hook, installed once for all ``torch.optim`` optimizers, then keeps each marked
 step at no less than :data:`FLOOR` times its value before the update and warns once, naming
 the layer, the first time that bound holds one. Outside the quantizer's kernel: two
-``torch._foreach_*`` calls per optimizer step on the (few, tiny) step tensors, no host sync
-except an occasional check for the warning. Nothing changes for an update that shrinks a step
+``torch._foreach_*`` calls per optimizer step on the (few, tiny) step tensors; the check for
+the warning reads the values every step on the CPU (no device sync there) and every
+:data:`ACCEL_CHECK_EVERY` steps on an accelerator. Nothing changes for an update that shrinks a step
 by less than 10x (every recipe of qatlab: LogAdam moves a step by ~0.5% per update).
 """
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 FLOOR = 0.1  # an update keeps a step size at >= FLOOR x its value before the update
-CHECK_EVERY = 8  # steps between checks for the warning (every step for the first ones)
+ACCEL_CHECK_EVERY = 50  # on an accelerator, steps between reads of the hits (a host sync)
 _ATTR = "_qatlab_step_of"  # set on a watched step parameter: the layer's name
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _Plan
@@ -35,6 +36,7 @@ class _Plan:
         self.signature = signature
         self.params = params
         self.floors: list[Tensor] | None = None
+        self.hits: list[Tensor] | None = None  # accelerators: collapses not yet read
         self.calls = 0
 
 
@@ -93,13 +95,23 @@ def _after(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     with torch.no_grad():
         torch._foreach_maximum_(plan.params, plan.floors)
     plan.calls += 1
-    if plan.calls <= CHECK_EVERY or plan.calls % CHECK_EVERY == 0:
-        for p, floor in zip(plan.params, plan.floors, strict=True):
-            name = getattr(p, _ATTR)
-            if name is not None and bool((p <= floor).any()):
-                setattr(p, _ATTR, None)  # warned: once per step size
-                _warn(name, p)
+    if plan.params[0].device.type == "cpu":  # reading a CPU value is no device sync: every step
+        _check(plan.params, [p <= f for p, f in zip(plan.params, plan.floors, strict=True)])
+    else:  # accelerators: collect the hits on the device, read them every ACCEL_CHECK_EVERY steps
+        hits = [p <= f for p, f in zip(plan.params, plan.floors, strict=True)]
+        plan.hits = hits if plan.hits is None else torch._foreach_maximum(plan.hits, hits)
+        if plan.calls % ACCEL_CHECK_EVERY == 0:
+            _check(plan.params, plan.hits)
+            plan.hits = None
     plan.floors = None
+
+
+def _check(params: list[Tensor], hits: list[Tensor]) -> None:
+    for p, hit in zip(params, hits, strict=True):
+        name = getattr(p, _ATTR)
+        if name is not None and bool(hit.any()):
+            setattr(p, _ATTR, None)  # warned: once per step size
+            _warn(name, p)
 
 
 def _warn(name: str, step: Tensor) -> None:
