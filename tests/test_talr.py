@@ -406,3 +406,30 @@ def test_train_help_lists_talr(capsys):
 
     assert main(["train", "--help"]) == 0
     assert "talr      QAT with a scheduled transition rate" in capsys.readouterr().out
+
+
+def test_default_lambda_follows_the_latent_weights_optimizer():
+    """No lambda: 5e-3 under SGD, 2e-2 under Adam (the study's validation choices); an
+    explicit lambda wins; a step-size Adam beside SGD weights does not count."""
+    from qatlab.methods.talr import TALR
+
+    def make():
+        torch.manual_seed(0)
+        model = qatlab.quantize(
+            torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                torch.nn.ReLU(), torch.nn.Linear(16, 4),
+            ),
+            qatlab.QuantConfig(weight_bits=3, act_bits=None),
+        )
+        return model
+
+    model = make()
+    assert TALR(torch.optim.SGD(model.parameters(), lr=0.1), model, 10).lam == 5e-3
+    model = make()
+    assert TALR(torch.optim.Adam(model.parameters(), lr=1e-3), model, 10).lam == 2e-2
+    model = make()
+    assert TALR(torch.optim.Adam(model.parameters(), lr=1e-3), model, 10, lam=1e-3).lam == 1e-3
+    model = make()
+    opt = qatlab.optimizer(model, "sgd", lr=0.1)  # step sizes on their own (Adam-type) optimizer
+    assert TALR(opt, model, 10).lam == 5e-3

@@ -101,7 +101,9 @@ Use in a plain PyTorch loop::
         optimizer.step()                              # latent weights move with U_t
         print(talr.after_step(model, step, total_steps))   # k_t, K_t, R_t, U_t every log_every
 
-With the trainer: ``qatlab train --method talr --lambda 5e-3 --wbits 2 --abits 2 ...``
+With the trainer: ``qatlab train --method talr --lambda 5e-3 --wbits 2 --abits 2 ...``; without
+``--lambda`` (``lam=None`` in Python) it is chosen by the optimizer of the latent weights, as the
+study chose on validation: 5e-3 for SGD, 2e-2 for Adam-type optimizers (:func:`default_lambda`)
 (``--set method.controller=paper`` for the literal law).
 """
 
@@ -248,7 +250,7 @@ class TALR(OptimizerWrapper):
         model: nn.Module,
         total_steps: int,
         *,
-        lam: float = 5e-3,
+        lam: float | None = None,
         momentum: float | None = None,
         schedule: str | Callable[[int, int, float], float] = "cosine",
         per_layer: bool = False,
@@ -275,7 +277,7 @@ class TALR(OptimizerWrapper):
             raise ValueError(f"max_change must be > 1, got {max_change}")
         self.model = model
         self.total_steps = total_steps
-        self.lam, self.m, self.schedule = lam, momentum, schedule
+        self.m, self.schedule = momentum, schedule
         self.controller, self.max_change = controller, max_change
         self.milestones, self.gamma = tuple(milestones), gamma
         self.per_layer = per_layer
@@ -290,6 +292,9 @@ class TALR(OptimizerWrapper):
             params[n if per_layer else GLOBAL].append(layers[n].weight)
         split_groups(base, params)
         freeze_weight_steps(model, names)  # idempotent (the hook froze them already)
+        if lam is None:
+            lam = default_lambda(base, layers[names[0]].weight)
+        self.lam = lam
 
         # R_0 = lambda * sqrt(b_w); a global U over layers of mixed bit widths uses the
         # numel-weighted mean of the layers' R_0 (qatlab's choice; all equal in practice).
@@ -422,6 +427,27 @@ class TALR(OptimizerWrapper):
             getattr(self, name).update({k: float(v) for k, v in state.get(name, {}).items()})
 
 
+ADAPTIVE_OPTIMIZERS = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
+LAMBDA_BY_OPTIMIZER = {"sgd": 5e-3, "adam": 2e-2}  # chosen on validation (docs/results/talr.md)
+
+
+def default_lambda(optimizer: Any, weight: Tensor) -> float:
+    """``lambda`` when none is given: the value the TALR study chose on validation accuracy for
+    the family of the optimizer that moves the latent ``weight`` (SGD-T 5e-3, Adam-T 2e-2); at
+    5e-3 an Adam run from scratch is held below its natural rate and learns slowly (80% vs 94%
+    test in the demo's set-up)."""
+    for opt in torch_optimizers(optimizer):
+        if any(p is weight for g in opt.param_groups for p in g["params"]):
+            return LAMBDA_BY_OPTIMIZER["adam" if isinstance(opt, ADAPTIVE_OPTIMIZERS) else "sgd"]
+    return LAMBDA_BY_OPTIMIZER["sgd"]
+
+
 # ----------------------------------------------------------------------------- the hook
 class TALRHook(nn.Module, Hook):
     """TR scheduling as a :class:`Hook`: freezes the counted layers' weight step sizes when
@@ -437,7 +463,7 @@ class TALRHook(nn.Module, Hook):
         self,
         model: nn.Module,
         total_steps: int,
-        lam: float = 5e-3,
+        lam: float | None = None,
         momentum: float | None = None,
         schedule: str = "cosine",
         per_layer: bool = False,
@@ -493,7 +519,7 @@ def _talr(
     model,
     quant,
     total_steps,
-    lam: float = 5e-3,
+    lam: float = 0.0,  # 0: by optimizer, chosen on validation (talr.md): 5e-3 SGD, 2e-2 Adam
     controller: str = "tracking",  # "tracking" (follows R_t) or "paper" (the literal law)
     momentum: float = 0.0,  # 0: 0.99 (paper) or 1 - 1/clamp(T/50, 10, 100) (tracking)
     schedule: str = "cosine",
@@ -534,7 +560,7 @@ def _talr(
         TALRHook(
             model,
             total_steps,
-            lam,
+            lam or None,
             momentum or None,
             schedule,
             per_layer,
