@@ -228,7 +228,7 @@ def test_measure_cli_generalization_measures(qat_run, tmp_path):
     [
         (None, ["--what", "gap"], "no run folder or checkpoint at"),
         ("empty_dir", ["--what", "gap"], "is not a run folder (no ckpt.pt or best.pt"),
-        ("garbage", ["--what", "gap"], "truncated or not a checkpoint"),
+        ("garbage", ["--what", "gap"], "not a PyTorch checkpoint"),
         ("run", ["--what", "gap,flatnes"], "unknown measure 'flatnes' (did you mean 'flatness'?)"),
         ("run", ["--what", "gap", "--set", "gap.batchsize=3"], "did you mean 'batch_size'"),
         ("run", ["--what", "gap", "--bits", "4"], "add noise to --what"),

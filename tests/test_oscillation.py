@@ -100,7 +100,9 @@ def test_frozen_weights_get_no_task_gradient_and_keep_their_integer():
     mask[:4] = True  # freeze four output rows by hand
     freezer.buffer("2", "frozen_int")[:4] = q[2].weight_int()[:4].to(torch.int8)
     frozen_before = q[2].weight_int()[:4].clone()
-    opt = torch.optim.SGD(q.parameters(), lr=0.5, momentum=0.9)
+    # the step sizes on their own recipe: at the weights' lr 0.5 they would collapse, the
+    # step-size guard would hold them, and dead units would hide the gradient checked below
+    opt = qatlab.optimizer(q, "sgd", lr=0.5, momentum=0.9)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     for step in range(20):
         opt.zero_grad()

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -50,6 +51,11 @@ def test_python_blocks_run_and_the_own_loop_beats_chance(tmp_path, monkeypatch):
             exec(compile(source, f"README.md python block {i}", "exec"), namespace)
             model = namespace.get("ptq_model") if "ptq_model" in source else namespace["qmodel"]
             accuracies.append(namespace["accuracy"](model))
+            if "to_onnx" in source:  # the export block: ONNX Runtime predicts as qatlab does
+                with torch.no_grad():
+                    ours = model.eval()(namespace["test_x"]).argmax(1).numpy()
+                assert (namespace["logits"].argmax(1) == ours).mean() >= 0.995
+                assert (tmp_path / "model.int.json").is_file()
     assert namespace["acc"] == accuracies[0]
     assert accuracies[0] > 0.8, accuracies  # from scratch with qatlab.optimizer
     assert min(accuracies) > 0.6, accuracies
