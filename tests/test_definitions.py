@@ -1,0 +1,347 @@
+"""Definitions pinned on hand-made input with an answer worked out by hand.
+
+Each test feeds a formula numbers small enough to compute on paper (the expected values are
+written out, never recomputed with the code under test), so a plausible one-line change to a
+formula (a sign, a bound, ``>`` for ``>=``, every move counted as an oscillation) fails here.
+They are the tests ``make mutants`` runs (docs/results/mutation.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import qatlab
+from qatlab.methods.oscillation import (
+    IterativeFreezing,
+    OscillationDampening,
+    OscillationTracker,
+    aggregate,
+    bin_distance,
+    cosine_decay,
+    cosine_ramp,
+)
+from qatlab.quant.quantizer import (
+    Quantizer,
+    _FakeQuant,
+    _FakeQuantTraceable,
+    fake_quantize,
+    grid_range,
+    static_step,
+)
+from qatlab.quant.transitions import TransitionCounter
+from qatlab.train.optim import LogAdam
+
+_ALL_SAME = dict(first_layer="same", last_layer="same", weights_only=True)
+
+
+def _layer(weights: list[float], step: float = 1.0, bits: int = 4):
+    """A 4-bit quantized ``Linear(k, 1)`` with the given latent weights and a fixed step."""
+    layer = qatlab.quantize(
+        nn.Linear(len(weights), 1, bias=False), qatlab.QuantConfig(weight_bits=bits, **_ALL_SAME)
+    )
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+        layer.weight_quantizer.step.fill_(step)
+    return layer
+
+
+def _set(layer, weights: list[float]) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+
+
+# ----------------------------------------------------------------------------- grid, integers
+def test_grid_ranges():
+    assert grid_range(4, True) == (-8, 7)
+    assert grid_range(4, True, "restricted") == (-7, 7)
+    assert grid_range(4, False) == (0, 15)
+    assert grid_range(2, True) == (-2, 1)
+    assert grid_range(8, False) == (0, 255)
+    assert grid_range(3, True, "restricted") == (-3, 3)
+
+
+def test_integer_view_rounds_half_to_even_and_clips():
+    layer = _layer([0.0] * 8, step=0.5)
+    _set(layer, [-5.0, -4.3, -0.75, -0.25, 0.25, 1.25, 3.7, 3.8])
+    # x/s = -10, -8.6, -1.5, -0.5, 0.5, 2.5, 7.4, 7.6 -> round half to even, clamp to [-8, 7]
+    assert layer.weight_int().tolist() == [[-8, -8, -2, -0, 0, 2, 7, 7]]
+    back = layer.weight_quantizer.quantize_detached(layer.weight)
+    assert back.tolist() == [[-4.0, -4.0, -1.0, 0.0, 0.0, 1.0, 3.5, 3.5]]
+
+
+def test_static_steps_by_hand():
+    x = torch.tensor([1.0, -2.0, 3.0, -6.0])
+    # meanabs (LSQ): 2 * mean|x| / sqrt(p) = 2 * 3 / sqrt(7)
+    assert float(static_step(x, "meanabs", -8, 7)) == pytest.approx(6 / math.sqrt(7))
+    assert float(static_step(x, "minmax", -8, 7)) == pytest.approx(6 / 7)
+    rows = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    assert static_step(rows, "minmax", -8, 7, per_channel=True).tolist() == pytest.approx(
+        [2 / 7, 0.5 / 7]
+    )
+    # mse on values already on a grid of step 1 with max 7: the exact grid is the best (err 0)
+    on_grid = torch.tensor([7.0, -3.0, 2.0, 1.0, 0.0, 5.0])
+    assert float(static_step(on_grid, "mse", -8, 7)) == pytest.approx(1.0)
+
+
+def test_set_bits_keeps_the_clipping_range():
+    q = Quantizer(4, role="weight")
+    q.initialize(torch.tensor([7.0, -7.0]))  # mse -> step 1 (p = 7)
+    assert float(q.step) == pytest.approx(1.0)
+    q.set_bits(3)  # p 7 -> 3: step * 7 / 3
+    assert float(q.step) == pytest.approx(7 / 3)
+    assert q.grid_range == (-4, 3)
+
+
+# ----------------------------------------------------------------------------- LSQ fake quant
+# x / s with s = 0.5, grid [-8, 7]: clipped below, tie, tie, inside, tie, inside, clipped above
+_X = [-5.0, -0.75, -0.25, 0.3, 1.25, 3.7, 3.8, 10.0]
+_Q = [-4.0, -1.0, 0.0, 0.5, 1.0, 3.5, 3.5, 3.5]  # s * clamp(round(x/s), -8, 7)
+_INSIDE = [0, 1, 1, 1, 1, 1, 0, 0]  # -8.5 < x/s < 7.5
+# ds per element: q_int - x/s inside, q_int (n or p) where clipped
+_DS = [-8, -2 + 1.5, 0 + 0.5, 1 - 0.6, 2 - 2.5, 7 - 7.4, 7, 7]
+
+
+@pytest.mark.parametrize("fn", [_FakeQuant, _FakeQuantTraceable])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_forward_and_gradients_by_hand(fn, per_channel):
+    x = torch.tensor(_X, requires_grad=True)
+    step = torch.tensor([0.5] if per_channel else 0.5, requires_grad=True)
+    g = torch.tensor([1.0, 2.0, -1.0, 3.0, 0.5, -2.0, 1.0, 4.0])
+    out = fn.apply(x, step, -8, 7, 0.25)
+    assert out.tolist() == pytest.approx(_Q)
+    out.backward(g)
+    inside = [gi * m for gi, m in zip(g.tolist(), _INSIDE, strict=True)]
+    assert x.grad.tolist() == pytest.approx(inside)
+    expected = 0.25 * sum(gi * d for gi, d in zip(g.tolist(), _DS, strict=True))
+    assert step.grad.reshape(-1).tolist() == pytest.approx([expected], rel=1e-5)
+
+
+def test_lsq_per_channel_rows_get_their_own_step_gradient():
+    x = torch.tensor([[0.3, 10.0], [-0.3, 0.1]], requires_grad=True)
+    step = torch.tensor([1.0, 0.25], requires_grad=True)
+    out = fake_quantize(x, step, -8, 7, 1.0)
+    assert out.reshape(-1).tolist() == pytest.approx([0.0, 7.0, -0.25, 0.0])
+    out.sum().backward()
+    # row 0: (0 - 0.3) + 7 (clipped); row 1: x/s = -1.2, 0.4 -> (-1 + 1.2) + (0 - 0.4)
+    assert step.grad.tolist() == pytest.approx([6.7, -0.2])
+    assert x.grad.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+
+
+def test_quantizer_applies_lsq_gradient_scale():
+    # weight role: 1/sqrt(N p) with N = 8 weights per step, p = 7
+    q = Quantizer(4, role="weight")
+    q.initialize(torch.tensor([7.0, -7.0]))
+    w = torch.tensor([0.3, 1.6, -2.2, 0.0, 3.4, -0.6, 0.9, 20.0])
+    q(w).sum().backward()
+    raw = (0 - 0.3) + (2 - 1.6) + (-2 + 2.2) + 0 + (3 - 3.4) + (-1 + 0.6) + (1 - 0.9) + 7
+    assert float(q.step.grad) == pytest.approx(raw / math.sqrt(8 * 7), rel=1e-5)
+    # input role: N = features per sample (4 here, batch of 2), p = 15 for an unsigned input
+    a = Quantizer(4, signed=False)
+    a.initialize(torch.tensor([15.0, 0.0]))  # mse -> step 1
+    assert float(a.step) == pytest.approx(1.0)
+    x = torch.tensor([[0.2, 1.7, 16.0, 3.0], [0.0, 0.5, 2.4, 9.9]])
+    a(x).sum().backward()
+    raw = (0 - 0.2) + (2 - 1.7) + 15 + 0 + 0 + (0 - 0.5) + (2 - 2.4) + (10 - 9.9)
+    assert float(a.step.grad) == pytest.approx(raw / math.sqrt(4 * 15), rel=1e-5)
+    # grad_scale=False: the raw sum
+    b = Quantizer(4, role="weight", grad_scale=False)
+    b.initialize(torch.tensor([7.0, -7.0]))
+    b(torch.tensor([0.3, 20.0])).sum().backward()
+    assert float(b.step.grad) == pytest.approx(-0.3 + 7)
+
+
+# ----------------------------------------------------------------------------- transitions
+def test_transition_counts_on_two_known_tensors():
+    before = [0.0, 1.0, 2.0, -3.0, 7.0, -8.0, 5.2, 0.4]
+    after = [1.0, 1.0, 0.0, -4.0, 9.0, -8.0, 4.6, -0.4]  # ints 1 1 0 -4 7 -8 5 0
+    layer = _layer(before)
+    counter = TransitionCounter(layer, include_pinned=True)
+    _set(layer, after)
+    moves = counter.update(layer, step=0)
+    (name,) = counter.layer_names
+    assert moves.direction[name].tolist() == [[1, 0, -1, -1, 0, 0, 0, 0]]
+    assert moves.current[name].tolist() == [[1, 1, 0, -4, 7, -8, 5, 0]]
+    assert moves.counts() == {name: (3, 1, 2, 8)}
+    assert moves.rate() == pytest.approx(3 / 8)
+    assert moves.metrics(per_layer=True) == pytest.approx(
+        {"tr": 3 / 8, "tr_up": 1 / 8, "tr_down": 2 / 8, f"tr/{name}": 3 / 8}
+    )
+    assert moves.layer_rates() == pytest.approx({name: 3 / 8})
+    # the same step again: the cached result; the next step compares with `after`
+    assert counter.update(layer, step=0) is moves
+    _set(layer, [1.0, 3.0, 0.0, -4.0, 7.0, -8.0, 5.0, 0.0])
+    nxt = counter.update(layer, step=1)
+    assert nxt.direction[name].tolist() == [[0, 1, 0, 0, 0, 0, 0, 0]]
+    assert nxt.rate() == pytest.approx(1 / 8)
+
+
+# ----------------------------------------------------------------------------- oscillations
+# two weights, integer sequences (the first entry is the integer at construction)
+_SEQ_A = [0, 1, 2, 1, 2, 2, 3, 2]  # moves + + - + 0 + -: oscillations at moves 3, 4, 7
+_SEQ_B = [0, -1, -2, -3, -3, -4, -5, -6]  # always down: never an oscillation
+_OSC_A = [0, 0, 1, 1, 0, 0, 1]  # o_t per update (the first move can never be one)
+
+
+def test_oscillation_counts_only_reversals():
+    layer = _layer([float(_SEQ_A[0]), float(_SEQ_B[0])])
+    m = 0.25
+    tracker = OscillationTracker(layer, momentum=m, threshold=0.3)
+    (name,) = tracker.layer_names
+    f = 0.0
+    ema_a = float(_SEQ_A[0])
+    for t in range(1, len(_SEQ_A)):
+        _set(layer, [float(_SEQ_A[t]), float(_SEQ_B[t])])
+        tracker.after_step(layer, t - 1, 100)
+        f = (1 - m) * f + m * _OSC_A[t - 1]
+        ema_a = (1 - m) * ema_a + m * _SEQ_A[t]
+        assert tracker.frequency(name)[0].tolist() == pytest.approx([f, 0.0])
+    assert tracker.flips(name).tolist() == [[3, 0]]
+    assert tracker.buffer(name, "ema_int")[0, 0].item() == pytest.approx(ema_a)
+    # f_A = 0.25*(0.75^4 + 0.75^3) + 0.25 = 0.4033...; share above 0.3: 1 of 2 weights
+    assert f == pytest.approx(0.25 * (0.75**4 + 0.75**3) + 0.25)
+    assert tracker.oscillating_share() == pytest.approx(0.5)
+    assert tracker.oscillating_share(threshold=0.5) == 0.0
+    stats = tracker.stats(bins=4)[name]
+    assert stats["share"] == pytest.approx(0.5)
+    assert stats["mean_freq"] == pytest.approx(f / 2)
+
+
+def test_a_pause_does_not_reset_the_last_direction():
+    # up, pause, pause, down: the down move reverses the last *non-zero* move
+    layer = _layer([0.0])
+    tracker = OscillationTracker(layer, momentum=0.5)
+    for t, v in enumerate([1.0, 1.0, 1.0, 0.0]):
+        _set(layer, [v])
+        tracker.update(layer, t)
+    (name,) = tracker.layer_names
+    assert tracker.flips(name).tolist() == [[1]]
+    assert float(tracker.frequency(name)) == pytest.approx(0.5)
+
+
+def test_freezing_at_a_known_step_and_integer():
+    # weight 0 flips 2,3,2,3,... (integer at construction 2); weight 1 climbs and never flips.
+    # momentum 0.25: f = 0, .25, .4375, .578125, .68359375 after updates 0..4;
+    # ema_int = 2.25, 2.1875, 2.390625, 2.29296875, 2.4697265625 -> freezes at update 4
+    # (f > 0.578125 first there; `>=` would freeze at update 3) at round(2.4697) = 2, while the
+    # weight's current integer is 3.
+    layer = _layer([2.0, -5.0])
+    total = 1000
+    fr = IterativeFreezing(
+        layer, momentum=0.25, threshold_start=0.578125, threshold_end=0.578125, start=0.0,
+        max_bits=4,
+    )
+    (name,) = fr.layer_names
+    seq0 = [3.0, 2.0, 3.0, 2.0, 3.0]
+    for t, v in enumerate(seq0):
+        _set(layer, [v, -4.0 + t])
+        fr.after_step(layer, t, total)
+        frozen = fr.frozen(name)[0].tolist()
+        assert frozen == [t >= 4, False], t
+    assert fr.buffer(name, "frozen_int")[0, 0].item() == 2
+    assert layer.weight_int().tolist() == [[2, 0]]  # written back at s * 2
+    assert layer.weight[0, 0].item() == 2.0
+    assert fr.frozen_share() == pytest.approx(0.5)
+    # the optimizer moves it again: written back before the next update, gradient masked
+    _set(layer, [6.0, 1.0])
+    fr.after_step(layer, 5, total)
+    assert layer.weight.tolist() == [[2.0, 1.0]]
+    layer.weight.grad = None
+    layer(torch.ones(1, 2)).sum().backward()
+    assert layer.weight.grad.tolist() == [[0.0, 1.0]]
+
+
+def test_freezing_threshold_closed_before_start():
+    # start 0.5 of 10 steps: nothing freezes at steps 0..5 whatever f is
+    layer = _layer([0.0])
+    fr = IterativeFreezing(layer, momentum=1.0, threshold_start=0.0, threshold_end=0.0, start=0.5)
+    (name,) = fr.layer_names
+    for t in range(8):
+        _set(layer, [float(t % 2 == 0)])
+        fr.after_step(layer, t, 10)
+        assert bool(fr.frozen(name)[0, 0]) == (t >= 6), t
+
+
+def test_schedules_by_hand():
+    assert cosine_ramp(0.25, 0.25, 2.0) == 0.0
+    assert cosine_ramp(0.625, 0.25, 2.0) == pytest.approx(1.0)  # half way: peak/2
+    assert cosine_ramp(1.0, 0.25, 2.0) == pytest.approx(2.0)
+    assert cosine_ramp(1.5, 0.25, 2.0) == pytest.approx(2.0)
+    assert cosine_ramp(0.4375, 0.25, 1.0) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
+    assert cosine_decay(0.25, 0.1, 0.01, 0.25) == math.inf
+    assert cosine_decay(0.625, 0.1, 0.01, 0.25) == pytest.approx(0.055)
+    assert cosine_decay(1.0, 0.1, 0.01, 0.25) == pytest.approx(0.01)
+    assert cosine_decay(2.0, 0.1, 0.01, 0.25) == pytest.approx(0.01)
+    assert cosine_decay(0.4375, 0.1, 0.01, 0.25) == pytest.approx(
+        0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi / 4))
+    )
+
+
+# ----------------------------------------------------------------------------- dampening
+# step 1, 4 bit: q = [[0, -1, 7], [1, 0, 0]]; clamp(w) = w except 9 -> 7
+# d = q - clamp(w) = [[-0.3, 0.2, 0], [0.4, -0.5, 0.2]] (0.5 rounds to 0: half to even)
+_W = [[0.3, -1.2, 9.0], [0.6, 0.5, -0.2]]
+_D = [[-0.3, 0.2, 0.0], [0.4, -0.5, 0.2]]
+_SQ = 0.09 + 0.04 + 0.16 + 0.25 + 0.04  # 0.58
+
+
+@pytest.mark.parametrize(
+    "how, value, per_elem",
+    [("kernel_mean", _SQ / 3, 1 / 3), ("mean", _SQ / 6, 1 / 6), ("sum", _SQ, 1.0)],
+)
+def test_dampening_loss_and_gradient_by_hand(how, value, per_elem):
+    layer = qatlab.quantize(nn.Linear(3, 2, bias=False), qatlab.QuantConfig(**_ALL_SAME))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(_W))
+        layer.weight_quantizer.step.fill_(1.0)
+    expected_grad = [[-2 * d * per_elem for d in row] for row in _D]
+    # the reference (autograd) form and the fused one used by OscillationDampening
+    ref = bin_distance(layer.weight, layer.weight_quantizer, how)
+    assert float(ref) == pytest.approx(value)
+    (g,) = torch.autograd.grad(ref, layer.weight)
+    assert g.tolist() == [pytest.approx(r) for r in expected_grad]
+    damp = OscillationDampening(lambda_max=2.0, aggregation=how, start=0.25)
+    assert damp.loss_term(layer, 25, 100) is None  # ramp off up to `start`
+    term = damp.loss_term(layer, 625, 1000)  # half way up the ramp: lambda = 1
+    assert float(term) == pytest.approx(value)
+    (g,) = torch.autograd.grad(term, layer.weight)
+    assert g.tolist() == [pytest.approx(r) for r in expected_grad]
+    assert layer.weight_quantizer.step.grad is None
+
+
+def test_aggregate_kernel_mean():
+    v = torch.tensor([[1.0, 2.0, 3.0, 6.0], [4.0, 4.0, 0.0, 0.0]])
+    assert float(aggregate(v, "kernel_mean")) == pytest.approx(3.0 + 2.0)
+    assert float(aggregate(v, "mean")) == pytest.approx(20 / 8)
+    assert float(aggregate(v, "sum")) == pytest.approx(20.0)
+
+
+# ----------------------------------------------------------------------------- LogAdam
+def test_logadam_two_steps_by_hand():
+    p = nn.Parameter(torch.tensor(0.5))
+    opt = LogAdam([p], lr=0.1, betas=(0.5, 0.75), eps=1e-8)
+    p.grad = torch.tensor(2.0)  # d/dlog p = 0.5 * 2 = 1
+    opt.step()
+    # m = 0.5, v = 0.25; m_hat = 1, v_hat = 1 -> p * exp(-0.1 * 1 / (1 + eps))
+    p1 = 0.5 * math.exp(-0.1 / (1 + 1e-8))
+    assert float(p) == pytest.approx(p1, rel=1e-6)
+    p.grad = torch.tensor(-3.0)
+    g2 = p1 * -3.0
+    opt.step()
+    m = 0.5 * 0.5 + 0.5 * g2
+    v = 0.75 * 0.25 + 0.25 * g2**2
+    m_hat, v_hat = m / (1 - 0.25), v / (1 - 0.5625)
+    p2 = p1 * math.exp(-0.1 * m_hat / (math.sqrt(v_hat) + 1e-8))
+    assert float(p) == pytest.approx(p2, rel=1e-6)
+
+
+def test_logadam_plain_adam_group():
+    p = nn.Parameter(torch.tensor([-0.5, 2.0]))
+    opt = LogAdam([{"params": [p], "log": False}], lr=0.1, betas=(0.5, 0.75), eps=1e-3)
+    p.grad = torch.tensor([2.0, -4.0])
+    opt.step()
+    # m_hat = g, v_hat = g^2: update = 0.1 * g / (|g| + 1e-3)
+    assert p.tolist() == pytest.approx([-0.5 - 0.1 * 2 / 2.001, 2.0 + 0.1 * 4 / 4.001], rel=1e-6)
