@@ -345,3 +345,77 @@ def test_logadam_plain_adam_group():
     opt.step()
     # m_hat = g, v_hat = g^2: update = 0.1 * g / (|g| + 1e-3)
     assert p.tolist() == pytest.approx([-0.5 - 0.1 * 2 / 2.001, 2.0 + 0.1 * 4 / 4.001], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- SAQ
+# Linear(2, 1) without bias, step 1 (held fixed), w = [0.3, 1.2] -> q(w) = [0, 1];
+# x = [1, 2], y = 3, L = (q(w).x - y)^2: first pass out = 2, dL/dq = 2 (2 - 3) x = [-2, -4]
+_G = [-2.0, -4.0]
+
+
+def _saq_step(rho: float, case: int, lr: float = 0.1, **kw) -> tuple[list[float], float]:
+    from qatlab.methods.saq import SAQ
+
+    layer = _layer([0.3, 1.2])
+    layer.weight_quantizer.step.requires_grad_(False)
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]])
+    opt = SAQ(torch.optim.SGD([layer.weight], lr=lr), layer, rho=rho, case=case, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = (layer(x) - y).pow(2).sum()
+        loss.backward()
+        return loss
+
+    loss = float(opt.step(closure))
+    return layer.weight[0].tolist(), loss
+
+
+def _descent(e: list[float], lr: float = 0.1) -> list[float]:
+    """SGD step from w = [0.3, 1.2] with the gradient taken at q(w) + e (inside the range)."""
+    out = 2.0 + e[0] * 1.0 + e[1] * 2.0
+    return [0.3 - lr * 2 * (out - 3) * 1.0, 1.2 - lr * 2 * (out - 3) * 2.0]
+
+
+@pytest.mark.parametrize("case", [1, 3])
+def test_saq_one_step_by_hand(case):
+    # e = rho g / ||g|| added to q(w) in the second pass (cases 1 and 3 agree: w is in range)
+    norm = math.sqrt(20.0)
+    e = [0.5 * g / norm for g in _G]
+    w, loss = _saq_step(0.5, case)
+    assert loss == pytest.approx(1.0)  # the first pass's loss
+    assert w == pytest.approx(_descent(e), rel=1e-5)
+
+
+def test_saq_case2_perturbs_the_latent_weight():
+    # w + e = [0.3 - 0.224, 1.2 - 0.447] still rounds to [0, 1]: second-pass gradient = first's
+    w, _ = _saq_step(0.5, 2)
+    assert w == pytest.approx(_descent([0.0, 0.0]), rel=1e-5)
+    # a ball large enough to move q(w): e = 2 g/||g|| = [-0.894, -1.789]: w + e = [-0.59, -0.59]
+    # -> q = [-1, -1]; out = -3, gradient 2 (-3 - 3) x = [-12, -24]
+    w, _ = _saq_step(2.0, 2)
+    assert w == pytest.approx([0.3 + 0.1 * 12, 1.2 + 0.1 * 24], rel=1e-5)
+
+
+def test_saq_rho_zero_is_plain_qat():
+    w, loss = _saq_step(0.0, 3)
+    assert loss == pytest.approx(1.0)
+    assert w == pytest.approx(_descent([0.0, 0.0]), rel=1e-6)
+
+
+def test_saq_adaptive_ball_by_hand():
+    # case 3: T = |q(w)| + eta = [0.01, 1.01]; e = rho T^2 g / ||T g||
+    t = [0.01, 1.01]
+    norm = math.sqrt(sum((ti * g) ** 2 for ti, g in zip(t, _G, strict=True)))
+    e = [0.5 * ti * ti * g / norm for ti, g in zip(t, _G, strict=True)]
+    w, _ = _saq_step(0.5, 3, adaptive=True, eta=0.01)
+    assert w == pytest.approx(_descent(e), rel=1e-5)
+
+
+def test_saq_std_ball_by_hand():
+    # ball="std": u = unbiased std of the latent weight = 0.9 / sqrt(2);
+    # e = rho u^2 g / ||u g|| = rho u g / ||g|| (one tensor)
+    u = 0.9 / math.sqrt(2.0)
+    e = [0.5 * u * g / math.sqrt(20.0) for g in _G]
+    w, _ = _saq_step(0.5, 3, ball="std")
+    assert w == pytest.approx(_descent(e), rel=1e-5)
