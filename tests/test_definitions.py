@@ -419,3 +419,80 @@ def test_saq_std_ball_by_hand():
     e = [0.5 * u * g / math.sqrt(20.0) for g in _G]
     w, _ = _saq_step(0.5, 3, ball="std")
     assert w == pytest.approx(_descent(e), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- edges (mutants)
+@pytest.mark.parametrize("fn", [_FakeQuant, _FakeQuantTraceable])
+def test_lsq_range_edges_and_gradient_flags(fn):
+    # x/s = -9.2 (out), -8.5 (tie: out, both forms), -8.4 (in), 7.4 (in), 7.5 (tie: out)
+    x = torch.tensor([-9.2, -8.5, -8.4, 7.4, 7.5], requires_grad=True)
+    out = fn.apply(x, torch.tensor(1.0), -8, 7, 1.0)  # step without gradient
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
+    # only the step needs a gradient
+    step = torch.tensor(1.0, requires_grad=True)
+    fn.apply(torch.tensor([-8.4, 7.5]), step, -8, 7, 1.0).sum().backward()
+    assert float(step.grad) == pytest.approx((-8 + 8.4) + 7)
+
+
+def test_set_bits_rescales_only_an_initialized_learned_step_when_asked():
+    fresh = Quantizer(4, role="weight")  # not initialized: its step is a placeholder
+    fresh.set_bits(3)
+    assert float(fresh.step) == 1.0
+    q = Quantizer(4, role="weight")
+    q.initialize(torch.tensor([7.0, -7.0]))
+    q.set_bits(3, rescale=False)
+    assert float(q.step) == pytest.approx(1.0)
+
+
+def test_transition_rates_of_a_single_weight():
+    layer = _layer([0.0])
+    counter = TransitionCounter(layer, include_pinned=True)
+    _set(layer, [1.0])
+    moves = counter.update(layer)
+    (name,) = counter.layer_names
+    assert moves.rate() == 1.0
+    assert moves.layer_rates() == {name: 1.0}
+    assert moves.metrics() == {"tr": 1.0, "tr_up": 1.0, "tr_down": 0.0}  # no per-layer keys
+    assert moves.metrics(per_layer=True)[f"tr/{name}"] == 1.0
+
+
+def test_tracker_logs_its_share_every_log_every_steps():
+    layer = _layer([0.0])
+    tracker = OscillationTracker(layer, momentum=0.5, threshold=0.1, log_every=3)
+    logs = []
+    for t, v in enumerate([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]):
+        _set(layer, [v])
+        logs.append(tracker.after_step(layer, t, 6))
+    # f after steps 0..5: 0, 0.5, 0.75, 0.375, 0.1875, 0.09375 (threshold 0.1): logged after
+    # the 3rd and 6th steps only
+    assert logs == [None, None, {"osc_share": 1.0}, None, None, {"osc_share": 0.0}]
+    assert OscillationTracker(layer, log_every=0).after_step(layer, 0, 6) is None
+
+
+def test_tracker_after_step_uses_a_shared_counters_cached_step():
+    # two hooks sharing one counter see the same step's moves (the step keys the cache)
+    layer = _layer([0.0])
+    tracker = OscillationTracker(layer, momentum=0.5)
+    _set(layer, [1.0])
+    tracker.transitions.update(layer, 0)  # another user of the counter went first
+    tracker.after_step(layer, 0, 10)
+    assert tracker.buffer(tracker.layer_names[0], "dir").tolist() == [[1]]
+
+
+def test_freezing_defaults_are_nagels():
+    layer = _layer([0.0])
+    fr = IterativeFreezing(layer)
+    assert (fr.momentum, fr.threshold_start, fr.threshold_end, fr.start) == (0.001, 0.1, 0.01, 0.25)
+    assert fr.threshold == 0.01 and fr.log_every == 50
+    assert cosine_decay(0.3, 0.1, 0.01) < math.inf  # default start 0.25
+    assert cosine_ramp(0.3) > 0.0
+    assert fr.threshold_at(1, 1) == pytest.approx(0.01)  # progress = step / total
+    five = _layer([0.0], bits=5)
+    assert IterativeFreezing(five).layer_names == []  # max_bits 4: a 5-bit layer is not frozen
+    assert IterativeFreezing(five, max_bits=5).layer_names != []
+    assert IterativeFreezing(layer, threshold_end=0.02).threshold == 0.02
+    logged = None
+    for t in range(50):
+        logged = fr.after_step(layer, t, 100)
+    assert logged == {"osc_share": 0.0, "frozen_share": 0.0}
