@@ -496,3 +496,100 @@ def test_freezing_defaults_are_nagels():
     for t in range(50):
         logged = fr.after_step(layer, t, 100)
     assert logged == {"osc_share": 0.0, "frozen_share": 0.0}
+
+
+def _ready(q: Quantizer, step: float, offset: float | None = None) -> Quantizer:
+    with torch.no_grad():
+        q.step.fill_(step)
+        if offset is not None:
+            q.offset.fill_(offset)
+    q.initialized.fill_(True)
+    q._ready = True
+    return q
+
+
+def test_lsq_plus_forward_and_gradients_by_hand():
+    # unsigned 4 bit (0..15), s = 0.5, offset -1: x - o = 1.1, 0.7, 9.0 -> /s 2.2, 1.4, 18 ->
+    # ints 2, 1, 15 -> q = 0.5 * int - 1 = 0, -0.5, 6.5
+    q = _ready(Quantizer(4, scale="lsq+", grad_scale=False, role="weight"), 0.5, -1.0)
+    x = torch.tensor([0.1, -0.3, 8.0], requires_grad=True)
+    out = q(x)
+    assert out.tolist() == pytest.approx([0.0, -0.5, 6.5])
+    out.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]
+    assert float(q.step.grad) == pytest.approx((2 - 2.2) + (1 - 1.4) + 15)
+    assert float(q.offset.grad.detach()) == pytest.approx(1.0)  # d/do (q(x - o) + o): 0 inside, 1 clipped
+
+
+def test_maxabs_ste_step_carries_a_gradient():
+    # step = max|x| / p = 7 / 7 = 1; x = [7, 0.4, -2.6]: q = [7, 0, -3]
+    # dq/dx = 1 inside; through the step: dq/ds = round(x/s) - x/s = [0, -0.4, -0.4], and
+    # ds/dx = sign(x)/p at the largest |x| (index 0): d sum(q) / dx0 = 1 + (-0.8) / 7
+    q = Quantizer(4, scale="maxabs_ste", role="weight")
+    x = torch.tensor([7.0, 0.4, -2.6], requires_grad=True)
+    out = q(x)
+    assert out.tolist() == pytest.approx([7.0, 0.0, -3.0])
+    out.sum().backward()
+    assert x.grad.tolist() == pytest.approx([1.0 - 0.8 / 7, 1.0, 1.0])
+    plain = Quantizer(4, scale="maxabs", role="weight")
+    x2 = torch.tensor([7.0, 0.4, -2.6], requires_grad=True)
+    plain(x2).sum().backward()
+    assert x2.grad.tolist() == pytest.approx([1.0, 1.0, 1.0])  # step held constant
+
+
+def test_quantizer_initialises_from_its_first_training_batch_only():
+    act = Quantizer(4, signed=False, init="minmax")
+    with pytest.raises(qatlab.ConfigError):
+        act.eval()(torch.ones(2, 3))  # an activation step must never come from eval data
+    assert not bool(act.initialized)
+    act.train()(torch.tensor([[0.0, 15.0, 3.0]]))  # minmax: 15 / 15 = 1
+    assert float(act.step) == pytest.approx(1.0)
+    weight = Quantizer(4, init="minmax", role="weight").eval()  # weights may, in eval too
+    weight(torch.tensor([7.0, -14.0]))
+    assert float(weight.step) == pytest.approx(2.0)
+    # a fresh quantizer loading a state dict uses the loaded step (no re-initialisation)
+    fresh = Quantizer(4, init="minmax", role="weight")
+    fresh.load_state_dict(weight.state_dict())
+    assert fresh(torch.tensor([7.0, 3.0])).tolist() == pytest.approx([8.0, 4.0])  # s 2: 3.5, 1.5
+    # calibration: observe (identity), then initialise from everything observed
+    cal = Quantizer(4, signed=False, init="minmax")
+    cal.start_observing()
+    assert cal(torch.tensor([[1.0, 30.0]])).tolist() == [[1.0, 30.0]]
+    cal.finish_observing()
+    assert float(cal.step) == pytest.approx(2.0)
+
+
+def test_grad_scale_counts_per_role():
+    w = torch.tensor([[0.3, 1.6, -2.2, 0.0], [3.4, -0.6, 0.9, 20.0]])
+    raw = (0 - 0.3) + (2 - 1.6) + (-2 + 2.2) + 0 + (3 - 3.4) + (-1 + 0.6) + (1 - 0.9) + 7
+    for role, count in (("weight", 8), ("input", 4)):  # weights per step / features per sample
+        q = _ready(Quantizer(4, role=role), 1.0)
+        q(w).sum().backward()
+        assert float(q.step.grad) == pytest.approx(raw / math.sqrt(count * 7), rel=1e-5), role
+    q = _ready(Quantizer(4), 1.0)  # a 1-D input: every element is a feature
+    q(w[0]).sum().backward()
+    assert float(q.step.grad) == pytest.approx(0.3 / math.sqrt(4 * 7), rel=1e-4)
+
+
+def test_dampening_edge_shapes_and_quantizers():
+    # below the grid: w = -9.3 at s = 0.5 is clipped (d = 0); 1-row and 1-element kernels
+    damp = OscillationDampening(aggregation="kernel_mean")
+    layer = _layer([-9.3, 0.3, 1.2], step=0.5)  # /s: -18.6 (clipped), 0.6 -> 1, 2.4 -> 2
+    assert float(damp.penalty(layer)) == pytest.approx((0.2**2 + 0.2**2) / 3)
+    col = qatlab.quantize(nn.Linear(1, 2, bias=False), qatlab.QuantConfig(**_ALL_SAME))
+    with torch.no_grad():
+        col.weight.copy_(torch.tensor([[0.3], [0.8]]))
+        col.weight_quantizer.step.fill_(1.0)
+    assert float(damp.penalty(col)) == pytest.approx(0.09 + 0.04)  # two kernels of 1 weight
+    one = _layer([0.3])
+    assert float(OscillationDampening(aggregation="mean").penalty(one)) == pytest.approx(0.09)
+    # lsq+ (offset -1, s 1: w - o = 1.3, 2.4 -> 1, 2 -> q = 0, 1) and per-channel steps
+    lsqp = _layer([0.3, 1.4])
+    lsqp.weight_quantizer = _ready(Quantizer(4, scale="lsq+", role="weight"), 1.0, -1.0)
+    assert float(damp.penalty(lsqp)) == pytest.approx((0.09 + 0.16) / 2)
+    pc = qatlab.quantize(nn.Linear(2, 2, bias=False), qatlab.QuantConfig(**_ALL_SAME))
+    pc.weight_quantizer = _ready(Quantizer(4, channels=2, role="weight"), 1.0)
+    with torch.no_grad():
+        pc.weight_quantizer.step.copy_(torch.tensor([1.0, 0.5]))
+        pc.weight.copy_(torch.tensor([[0.3, 1.2], [0.3, 1.2]]))  # /s row 1: 0.6, 2.4 -> 1, 2
+    assert float(damp.penalty(pc)) == pytest.approx((0.09 + 0.04) / 2 + (0.04 + 0.04) / 2)
