@@ -594,3 +594,50 @@ def test_dampening_edge_shapes_and_quantizers():
         pc.weight_quantizer.step.copy_(torch.tensor([1.0, 0.5]))
         pc.weight.copy_(torch.tensor([[0.3, 1.2], [0.3, 1.2]]))  # /s row 1: 0.6, 2.4 -> 1, 2
     assert float(damp.penalty(pc)) == pytest.approx((0.09 + 0.04) / 2 + (0.04 + 0.04) / 2)
+
+
+def _mse_reference(row: torch.Tensor, n: int, p: int) -> float:
+    """Nagel's search written out: T_k = k/100 max|x|, s = T_k / p, the first k of least error."""
+    best, best_s = math.inf, None
+    for k in range(1, 101):
+        s = k / 100 * float(row.abs().max()) / p
+        err = float(((row / s).round().clamp(n, p) * s - row).pow(2).sum())
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def test_mse_step_matches_the_search_written_out():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 400, generator=gen)
+    rows[0, 0], rows[2, 5] = 12.0, -9.0  # outliers: the best steps clip
+    for n, p in ((-8, 7), (0, 15), (-2, 1)):
+        got = static_step(rows, "mse", n, p, per_channel=True)
+        ref = [_mse_reference(r, n, p) for r in rows]
+        assert got.tolist() == pytest.approx(ref, rel=1e-5), (n, p)
+        assert float(static_step(rows[0], "mse", n, p)) == pytest.approx(ref[0], rel=1e-5)
+        assert float(static_step(rows, "mse", n, p)) == pytest.approx(
+            _mse_reference(rows.reshape(-1), n, p), rel=1e-5
+        )
+    # candidates in chunks (numel > 2^24 / 100): same answer as the search
+    big = torch.randn(200_000, generator=gen)
+    big[7] = 15.0
+    assert float(static_step(big, "mse", -8, 7)) == pytest.approx(
+        _mse_reference(big, -8, 7), rel=1e-5
+    )
+
+
+def test_percentile_and_maxabs_steps():
+    x = torch.arange(0.0, 101.0)  # |x| quantile q = q (linear interpolation)
+    assert float(static_step(x, "percentile", 0, 15, percentile=50.0)) == pytest.approx(50 / 15)
+    assert float(static_step(-x, "percentile", -8, 7)) == pytest.approx(99.99 / 7)
+    assert float(static_step(x, "maxabs", -8, 7)) == pytest.approx(100 / 7)
+    rows = torch.stack([x, 2 * x])
+    got = static_step(rows, "percentile", -8, 7, per_channel=True, percentile=25.0)
+    assert got.tolist() == pytest.approx([25 / 7, 50 / 7])
+
+
+def test_fake_quantize_default_grad_scale_is_one():
+    step = torch.tensor(1.0, requires_grad=True)
+    fake_quantize(torch.tensor([0.3, 9.0]), step, -8, 7).sum().backward()
+    assert float(step.grad) == pytest.approx(-0.3 + 7)
