@@ -641,3 +641,67 @@ def test_fake_quantize_default_grad_scale_is_one():
     step = torch.tensor(1.0, requires_grad=True)
     fake_quantize(torch.tensor([0.3, 9.0]), step, -8, 7).sum().backward()
     assert float(step.grad) == pytest.approx(-0.3 + 7)
+
+
+def test_per_channel_maxabs_steps():
+    # rows' max|x| = 7 and 14 -> steps 1 and 2 (p = 7), with and without a gradient through it
+    x = torch.tensor([[7.0, 0.4, -2.6], [-14.0, 3.0, 1.0]])
+    for scale in ("maxabs", "maxabs_ste"):
+        q = Quantizer(4, scale=scale, channels=2, role="weight")
+        assert q.current_step(x).tolist() == [1.0, 2.0]
+        assert q(x).reshape(-1).tolist() == pytest.approx([7.0, 0.0, -3.0, -14.0, 4.0, 0.0])
+    one = Quantizer(4, scale="maxabs_ste", role="weight")
+    assert float(one(torch.tensor([-14.0, 3.0]))[1]) == pytest.approx(4.0)  # s 2: 1.5 -> 2
+
+
+def test_constructor_defaults():
+    q = Quantizer()
+    assert (q.bits, q.role, q.percentile, q.signed, q.grid) == (4, "input", 99.99, True, "full")
+    assert (q.fixed_bits, q.per_channel) == (False, False)
+    assert (bool(q.initialized), q._ready) == (False, False)
+    assert isinstance(q.step, nn.Parameter) and q.step.shape == ()
+    calibrated = Quantizer(scale="mse")
+    assert not isinstance(calibrated.step, nn.Parameter)
+    assert "step" in dict(calibrated.named_buffers())
+    pc = Quantizer(channels=2)
+    assert pc.per_channel and pc.step.shape == (2,)
+    plus = Quantizer(scale="lsq+", signed=True)  # LSQ+ is on an unsigned grid with an offset
+    assert plus.signed is False and isinstance(plus.offset, nn.Parameter)
+    assert plus.grid_range == (0, 15)
+    assert not hasattr(Quantizer(), "offset")
+    auto = Quantizer(signed="auto", init="minmax")
+    auto(torch.tensor([[-1.0, 2.0]]))
+    assert auto.signed is True
+    layer = _layer([0.0])
+    tracker = OscillationTracker(layer)
+    assert (tracker.momentum, tracker.threshold, tracker.log_every) == (0.001, 0.01, 50)
+    assert tracker.flips(tracker.layer_names[0]).dtype == torch.int32  # 127 flips fit no int8
+    damp = OscillationDampening()
+    assert (damp.lambda_max, damp.aggregation, damp.start) == (0.1, "kernel_mean", 0.25)
+    assert (damp.max_bits, damp.include_pinned) == (None, True)
+    assert damp.weight(1, 1) == pytest.approx(0.1)  # progress = step / total
+    assert float(damp.penalty(nn.Linear(2, 2))) == 0.0  # nothing quantized: no term
+
+
+def test_dampening_layer_selection():
+    # a model with first/last layers pinned to 8 bits: include_pinned and max_bits choose them
+    model = qatlab.quantize(
+        nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False),
+                      nn.Linear(2, 2, bias=False)),
+        qatlab.QuantConfig(weights_only=True),
+    )
+    with torch.no_grad():
+        for m in model:
+            m.weight.fill_(0.3)
+            m.weight_quantizer.step.fill_(1.0)
+    per_layer = (4 * 0.09) / 2  # kernel mean of 2 rows of 2 weights at distance 0.3
+    assert float(OscillationDampening().penalty(model)) == pytest.approx(3 * per_layer)
+    assert float(OscillationDampening(include_pinned=False).penalty(model)) == pytest.approx(
+        per_layer
+    )
+    assert float(OscillationDampening(max_bits=4).penalty(model)) == pytest.approx(per_layer)
+    # trackers count the free layers only (names with dots are valid buffer keys)
+    tracker = OscillationTracker(model)
+    assert tracker.layer_names == ["1"]
+    root = OscillationTracker(_layer([0.0]))
+    assert root.layer_names == [""] and hasattr(root, "root__freq")
