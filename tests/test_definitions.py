@@ -705,3 +705,30 @@ def test_dampening_layer_selection():
     assert tracker.layer_names == ["1"]
     root = OscillationTracker(_layer([0.0]))
     assert root.layer_names == [""] and hasattr(root, "root__freq")
+
+
+def test_check_bits_and_logadam_defaults():
+    from qatlab.quant.quantizer import check_bits
+
+    assert check_bits(2) == 2 and check_bits(8) == 8
+    for bad in (True, 4.0, 1, 9):
+        with pytest.raises(qatlab.ConfigError):
+            check_bits(bad)
+    opt = LogAdam([nn.Parameter(torch.tensor(1.0))])
+    assert (opt.defaults["lr"], opt.defaults["eps"], opt.defaults["betas"]) == (
+        1e-3, 1e-8, (0.9, 0.999)
+    )
+
+
+def test_kept_weights_are_released_and_names_checked():
+    from qatlab.quant.weights import keep_quantized_weights, release
+
+    layer = _layer([0.3, 1.2])
+    with keep_quantized_weights(layer) as kept:
+        layer(torch.ones(1, 2)).sum().backward()
+    assert kept.grads()[""].tolist() == [[1.0, 1.0]]
+    release(kept)
+    assert layer.kept_qweight is None  # the class default again: graph and tensor dropped
+    with pytest.raises(qatlab.ConfigError):
+        with keep_quantized_weights(layer, names=["nope"]):
+            pass
