@@ -732,3 +732,12 @@ def test_kept_weights_are_released_and_names_checked():
     with pytest.raises(qatlab.ConfigError):
         with keep_quantized_weights(layer, names=["nope"]):
             pass
+
+
+def test_mse_step_can_pick_the_first_candidate():
+    # one far outlier among many small values: the best clip is the smallest, T_1 = max|x| / 100
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(100_000, generator=gen) * 2 - 1) * 10
+    x[0] = 1000.0
+    assert _mse_reference(x, -8, 7) == pytest.approx(10.0 / 7)
+    assert float(static_step(x, "mse", -8, 7)) == pytest.approx(10.0 / 7, rel=1e-6)
