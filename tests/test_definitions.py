@@ -231,7 +231,11 @@ def test_freezing_at_a_known_step_and_integer():
     layer = _layer([2.0, -5.0])
     total = 1000
     fr = IterativeFreezing(
-        layer, momentum=0.25, threshold_start=0.578125, threshold_end=0.578125, start=0.0,
+        layer,
+        momentum=0.25,
+        threshold_start=0.578125,
+        threshold_end=0.578125,
+        start=0.0,
         max_bits=4,
     )
     (name,) = fr.layer_names
@@ -686,8 +690,9 @@ def test_constructor_defaults():
 def test_dampening_layer_selection():
     # a model with first/last layers pinned to 8 bits: include_pinned and max_bits choose them
     model = qatlab.quantize(
-        nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False),
-                      nn.Linear(2, 2, bias=False)),
+        nn.Sequential(
+            nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+        ),
         qatlab.QuantConfig(weights_only=True),
     )
     with torch.no_grad():
@@ -716,7 +721,9 @@ def test_check_bits_and_logadam_defaults():
             check_bits(bad)
     opt = LogAdam([nn.Parameter(torch.tensor(1.0))])
     assert (opt.defaults["lr"], opt.defaults["eps"], opt.defaults["betas"]) == (
-        1e-3, 1e-8, (0.9, 0.999)
+        1e-3,
+        1e-8,
+        (0.9, 0.999),
     )
 
 
@@ -741,3 +748,70 @@ def test_mse_step_can_pick_the_first_candidate():
     x[0] = 1000.0
     assert _mse_reference(x, -8, 7) == pytest.approx(10.0 / 7)
     assert float(static_step(x, "mse", -8, 7)) == pytest.approx(10.0 / 7, rel=1e-6)
+
+
+def test_remaining_edges():
+    # per-channel backward (recomputes x/s): range edges and a step without gradient
+    x = torch.tensor([[-9.2, -8.4, 7.4, 7.5]], requires_grad=True)
+    fake_quantize(x, torch.tensor([1.0]), -8, 7).sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]
+    # per-tensor max-abs on a 2-D input: one step from the whole tensor
+    q = Quantizer(4, scale="maxabs_ste", role="weight")
+    assert float(q.current_step(torch.tensor([[1.0, 2.0], [7.0, -3.0]]))) == pytest.approx(1.0)
+    assert Quantizer(4, scale="maxabs", role="weight").integer(
+        torch.tensor([7.0, 3.4])
+    ).tolist() == [7.0, 3.0]
+    # LSQ's gradient scale on a one-element weight, and on an LSQ+ quantizer
+    one = _ready(Quantizer(4, role="weight"), 1.0)
+    one(torch.tensor([0.3])).sum().backward()
+    assert float(one.step.grad) == pytest.approx(-0.3 / math.sqrt(7), rel=1e-5)
+    plus = _ready(Quantizer(4, scale="lsq+", role="weight"), 0.5, -1.0)
+    plus(torch.tensor([0.1, -0.3, 8.0])).sum().backward()
+    assert float(plus.step.grad) == pytest.approx(14.4 / math.sqrt(3 * 15), rel=1e-5)
+    # mse_step's own default is per tensor; cosine_ramp's peak is 1
+    from qatlab.quant.quantizer import mse_step
+
+    assert mse_step(torch.tensor([[7.0, 1.0], [3.0, 2.0]]), -8, 7).shape == ()
+    assert cosine_ramp(1.0) == pytest.approx(1.0)
+    # percentile on more than 2^20 values: a random subsample of 2^20 (median within 1%)
+    big = torch.arange(1_200_000, dtype=torch.float32)
+    assert float(static_step(big, "percentile", 0, 1, percentile=50.0)) == pytest.approx(
+        600_000, rel=0.01
+    )
+
+
+def test_dampening_gradient_scale_of_small_kernels():
+    col = qatlab.quantize(nn.Linear(1, 2, bias=False), qatlab.QuantConfig(**_ALL_SAME))
+    with torch.no_grad():
+        col.weight.copy_(torch.tensor([[0.3], [0.8]]))
+        col.weight_quantizer.step.fill_(1.0)
+    for how in ("kernel_mean", "sum"):  # kernels of one weight: factor 1
+        (g,) = torch.autograd.grad(OscillationDampening(aggregation=how).penalty(col), col.weight)
+        assert g.reshape(-1).tolist() == pytest.approx([0.6, -0.4]), how
+    one = _layer([0.3])
+    (g,) = torch.autograd.grad(OscillationDampening(aggregation="mean").penalty(one), one.weight)
+    assert float(g) == pytest.approx(0.6)
+    assert float(bin_distance(col.weight, col.weight_quantizer)) == pytest.approx(0.13)
+
+
+def test_state_buffers_are_named_per_layer():
+    model = qatlab.quantize(
+        nn.Sequential(
+            nn.Linear(2, 2, bias=False),
+            nn.Sequential(nn.Linear(2, 2, bias=False)),
+            nn.Linear(2, 2, bias=False),
+        ),
+        qatlab.QuantConfig(weights_only=True),
+    )
+    with torch.no_grad():
+        for i, m in enumerate([model[0], model[1][0], model[2]]):
+            m.weight.fill_(float(i))
+            m.weight_quantizer.step.fill_(1.0)
+    counter = TransitionCounter(model)  # the pinned first and last layers are left out
+    assert counter.layer_names == ["1.0"] and hasattr(counter, "1__0__prev")
+    assert counter.previous("1.0").tolist() == [[1, 1], [1, 1]]
+    every = TransitionCounter(model, include_pinned=True)
+    assert [every.previous(n)[0, 0].item() for n in every.layer_names] == [0, 1, 2]
+    assert TransitionCounter(model, include_pinned=True, names=["2"]).layer_names == ["2"]
+    assert hasattr(TransitionCounter(_layer([0.0])), "root__prev")
+    assert IterativeFreezing(model, log_every=3).log_every == 3
