@@ -815,3 +815,23 @@ def test_state_buffers_are_named_per_layer():
     assert TransitionCounter(model, include_pinned=True, names=["2"]).layer_names == ["2"]
     assert hasattr(TransitionCounter(_layer([0.0])), "root__prev")
     assert IterativeFreezing(model, log_every=3).log_every == 3
+
+
+def test_last_edges():
+    from qatlab.quant.transitions import counted_layers
+    from qatlab.quant.weights import keep_quantized_weights, release
+
+    q = Quantizer(4, scale="maxabs_ste", role="weight")
+    step = q.current_step(torch.tensor([[1.0, 2.0], [7.0, -3.0]]), grad=True)
+    assert float(step) == pytest.approx(1.0)  # one step from the whole tensor
+    model = qatlab.quantize(
+        nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2)),
+        qatlab.QuantConfig(weights_only=True),
+    )
+    assert [n for n, _ in counted_layers(model)] == ["1.0"]  # pinned layers left out by default
+    assert hasattr(OscillationTracker(model), "1__0__freq")
+    layer = _layer([0.3])
+    with keep_quantized_weights(layer) as kept:
+        layer(torch.ones(1, 1))
+    release(kept)
+    release(kept)  # twice: nothing left to drop, no error
