@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.demo-$(TORCH_VERSION)
 TEST_STAMP := $(VENV)/.test-$(TORCH_VERSION)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutants clean
 
 $(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,13 @@ lint: $(TEST_STAMP)
 bench: $(DEMO_STAMP)
 	$(BIN)/python benchmarks/step_overhead.py
 
+# mutation testing of the formula modules ([tool.mutmut] in pyproject.toml) against their fast
+# tests; not part of `make test`. mutmut works in ./mutants/ and reuses its results there
+# (rm -rf mutants for a fresh run); `$(BIN)/mutmut show <name>` prints a mutant's diff.
+# docs/results/mutation.md
+mutants: $(TEST_STAMP)
+	OMP_NUM_THREADS=1 nice -n 5 $(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants
