@@ -363,6 +363,7 @@ def _saq_step(rho: float, case: int, lr: float = 0.1, **kw) -> tuple[list[float]
     layer = _layer([0.3, 1.2])
     layer.weight_quantizer.step.requires_grad_(False)
     x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]])
+    kw.setdefault("ball", "raw")  # the hand computations below are on raw weights
     opt = SAQ(torch.optim.SGD([layer.weight], lr=lr), layer, rho=rho, case=case, **kw)
 
     def closure():
