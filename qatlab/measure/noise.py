@@ -56,7 +56,7 @@ def plot_step_sizes(by_bits: dict[str, list[dict]], path: str | Path) -> Path:
     from qatlab.measure.landscape import _pyplot, _save_png
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     names: list[str] = []
     for label, rows in by_bits.items():
         for r in rows:
@@ -70,5 +70,6 @@ def plot_step_sizes(by_bits: dict[str, list[dict]], path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("weight step size s (mean over channels)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="bit width")
+    ax.legend(title="bit width", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()  # the legend sits outside the axes: it never hides a line
     return _save_png(fig, path)

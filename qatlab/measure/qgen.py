@@ -141,7 +141,8 @@ def noise(ctx: MeasureContext, bits: list = (8, 4, 2), plot: bool = True) -> dic
     if is_quantized(model):
         layers = quantization_noise(model)
         if layers:
-            by_bits[f"trained (W{layers[0]['bits']})"] = layers
+            widths = "/".join(str(r["bits"]) for r in layers)  # per layer: 8/4/4/8 etc.
+            by_bits[f"as trained (W{widths})"] = layers
             out["noise_ratio"] = _mean(layers, "noise_ratio")
             out["noise_step"] = _mean(layers, "step")
             out["noise_layers"] = [
