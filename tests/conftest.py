@@ -27,3 +27,12 @@ def tiny_data(data_cache: Path):
 def tiny_data_config(data_cache: Path) -> dict:
     """The ``data`` section of a run config that loads :func:`tiny_data`."""
     return {"name": "mnist1d", "num_samples": TINY_SAMPLES, "cache_dir": str(data_cache)}
+
+
+@pytest.fixture(scope="session")
+def small_data(data_cache: Path) -> dict:
+    """400 MNIST-1D samples (generated once): a run of one epoch takes a few seconds."""
+    from qatlab import data
+
+    data.load("mnist1d", num_samples=400, cache_dir=str(data_cache))
+    return {"num_samples": 400, "cache_dir": str(data_cache)}

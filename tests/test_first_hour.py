@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_args
 from torch import nn
 
 import qatlab
@@ -228,33 +229,6 @@ def test_ctrl_c_says_how_this_command_continues(argv, func, expected, monkeypatc
 
 
 # ----------------------------------------------------------------------------- kill, refusal
-@pytest.fixture(scope="module")
-def small_data(data_cache: Path) -> list[str]:
-    from qatlab import data
-
-    data.load("mnist1d", num_samples=400, cache_dir=str(data_cache))
-    return ["--dataset", "mnist1d", "--num-samples", "400", "--set", f"data.cache_dir={data_cache}"]
-
-
-def train_argv(out: Path, name: str, data: list[str], *extra: str) -> list[str]:
-    return [
-        "train",
-        "--out-dir",
-        str(out),
-        "--name",
-        name,
-        "--model",
-        "mlp5",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--quiet",
-        *data,
-        *extra,
-    ]
-
-
 KILL_IN_FIRST_CKPT = """
 import os, signal, sys
 import qatlab.train.metrics as metrics
@@ -272,7 +246,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_kill_while_writing_the_first_checkpoint_resumes_in_place(tmp_path, small_data, capsys):
-    argv = train_argv(tmp_path, "r", small_data)
+    argv = train_args(tmp_path, "r", small_data)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", KILL_IN_FIRST_CKPT, *argv], env=env)
     assert proc.returncode == -9  # really killed (SIGKILL), mid-write
@@ -284,7 +258,7 @@ def test_a_kill_while_writing_the_first_checkpoint_resumes_in_place(tmp_path, sm
     assert not list(run.glob(".*.tmp"))
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if "val_acc" in r] == [0, 1]
     # exactly the uninterrupted run
-    assert main(train_argv(tmp_path, "straight", small_data)) == 0
+    assert main(train_args(tmp_path, "straight", small_data)) == 0
     resumed = torch.load(run / "best.pt", weights_only=True)["model"]
     straight = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -300,21 +274,8 @@ def test_a_kill_while_writing_the_first_checkpoint_resumes_in_place(tmp_path, sm
 
     # a refused --init-from (another model) leaves no folder behind
     out = tmp_path / "new-runs"
-    refused = [
-        "train",
-        "--out-dir",
-        str(out),
-        "--name",
-        "x",
-        "--model",
-        "cnn1d",
-        "--epochs",
-        "1",
-        "--quiet",
-        *small_data,
-        "--init-from",
-        str(run / "best.pt"),
-    ]
+    init = str(run / "best.pt")
+    refused = train_args(out, "x", small_data, "--model", "cnn1d", "--init-from", init)
     assert main(refused) == 2
     assert "holds a mlp5 model" in one_line(capsys.readouterr().err)
     assert not out.exists()

@@ -4,8 +4,6 @@ the training step, a resume that tolerates fewer GPUs, ranks that stop together.
 from __future__ import annotations
 
 import io
-import os
-import socket
 import sys
 import time
 from contextlib import redirect_stderr
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Killer
+from helpers import Killer, free_port, pretend_torchrun
 from torch import nn
 
 import qatlab
@@ -325,21 +323,9 @@ def test_resume_of_a_checkpoint_listing_more_gpus_than_exist(tiny_data, tmp_path
 
 
 # ----------------------------------------------------------------------------- 4: DDP stop
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _diverging_rank(rank: int, port: int, cache: str, out: str) -> None:
     """``qatlab train`` under a pretend torchrun; rank 1's loss explodes from its second step."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-    )
+    pretend_torchrun(rank, port)
     torch.set_num_threads(1)
     import qatlab.train.loop as loop
     from qatlab.cli import main
@@ -375,7 +361,7 @@ def test_two_ranks_stop_together_when_one_diverges(tmp_path, data_cache):
     data.load("mnist1d", num_samples=600, cache_dir=str(data_cache))
     ctx = torch.multiprocessing.start_processes(
         _diverging_rank,
-        args=(_free_port(), str(data_cache), str(tmp_path)),
+        args=(free_port(), str(data_cache), str(tmp_path)),
         nprocs=2,
         join=False,
         start_method="spawn",

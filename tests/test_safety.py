@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_args
 from torch import nn
 
 import qatlab
@@ -30,40 +31,6 @@ def claim_run_dir(run_dir, **kwargs):
     from qatlab.train.rundir import claim_run_dir as claim
 
     return claim(run_dir, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def small_data(data_cache: Path) -> dict:
-    """400 MNIST-1D samples (generated once): a run of one epoch takes a few seconds."""
-    from qatlab import data
-
-    data.load("mnist1d", num_samples=400, cache_dir=str(data_cache))
-    return {"num_samples": 400, "cache_dir": str(data_cache)}
-
-
-def train_args(out: Path, name: str, data_cfg: dict, *extra: str) -> list[str]:
-    """``qatlab train`` of a tiny float mlp5 (one epoch, seconds)."""
-    return [
-        "train",
-        "--out-dir",
-        str(out),
-        "--name",
-        name,
-        "--dataset",
-        "mnist1d",
-        "--num-samples",
-        str(data_cfg["num_samples"]),
-        "--model",
-        "mlp5",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--quiet",
-        "--set",
-        f"data.cache_dir={data_cfg['cache_dir']}",
-        *extra,
-    ]
 
 
 def error_lines(err: str) -> list[str]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import Killer
+from helpers import Killer, free_port, pretend_torchrun
 
 import qatlab
 from qatlab.errors import ConfigError
@@ -387,12 +385,6 @@ def test_build_runs_method_hooks_on_the_quantized_model(tiny_data_config, tmp_pa
 
 
 # ----------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_TRAIN = dict(epochs=2, lr=3e-3, progress=False, device="cpu", restore_best=False)
 
 
@@ -409,13 +401,7 @@ def _record_batches(model: torch.nn.Module) -> list[float]:
 
 
 def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-    )
+    pretend_torchrun(rank, port)
     torch.set_num_threads(1)
     from qatlab import data
     from qatlab.train.distributed import sync_batchnorm
@@ -437,7 +423,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, data_cache):
 
     bundle = data.load("mnist1d", num_samples=600, cache_dir=str(data_cache), augment=False)
     torch.multiprocessing.spawn(
-        _ddp_worker, args=(_free_port(), str(data_cache), str(tmp_path)), nprocs=2, join=True
+        _ddp_worker, args=(free_port(), str(data_cache), str(tmp_path)), nprocs=2, join=True
     )
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt",
