@@ -140,6 +140,36 @@ def latency(graphs: dict[str, tuple[Path, str]], x: torch.Tensor, rounds: int, b
     return out
 
 
+def record_artifacts(res, files, model_name, bits, qmodel, x, float_path, report) -> None:
+    """File sizes (fp32 ONNX, quantized ONNX, integer file) and integer-kernel counts of one
+    exported model into ``res``; at 8 bits also its QDQ-only export, queued for latency."""
+    path = report.path
+    int_path, _ = to_integer(qmodel, files / f"{model_name}-w{bits}a{bits}.int.pt")
+    tag = {"model": model_name, "bits": f"W{bits}A{bits}"}
+    res["sizes"].append(
+        {
+            **tag,
+            "fp32_onnx": float_path.stat().st_size,
+            "q_onnx": path.stat().st_size,
+            "int_file": int_path.stat().st_size,
+        }
+    )
+    res["kernels"].append(
+        {
+            **tag,
+            "layers": len(report.layers),
+            "quantized_inputs": sum(1 for r in report.layers if r["input_int"]),
+            "integer_kernels": integer_kernels(path),
+            "bn_folded": len(report.bn_folded),
+            "bn_kept": len(report.bn_kept),
+        }
+    )
+    if bits == 8:
+        qdq = files / f"{model_name}-w8a8-qdq.onnx"
+        to_onnx(qmodel, x[:1], qdq, integer_ops=False)
+        res.setdefault("_lat", []).append((model_name, float_path, path, qdq, x))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -199,31 +229,7 @@ def main() -> int:
                 row["forms"] = [r["form"] for r in report.layers]
                 res["mnist1d"].append(row)
                 if seed == seeds[0]:
-                    int_path, _ = to_integer(qmodel, files / f"{model_name}-w{bits}a{bits}.int.pt")
-                    res["sizes"].append(
-                        {
-                            "model": model_name,
-                            "bits": f"W{bits}A{bits}",
-                            "fp32_onnx": float_path.stat().st_size,
-                            "q_onnx": path.stat().st_size,
-                            "int_file": int_path.stat().st_size,
-                        }
-                    )
-                    res["kernels"].append(
-                        {
-                            "model": model_name,
-                            "bits": f"W{bits}A{bits}",
-                            "layers": len(report.layers),
-                            "quantized_inputs": sum(1 for r in report.layers if r["input_int"]),
-                            "integer_kernels": integer_kernels(path),
-                            "bn_folded": len(report.bn_folded),
-                            "bn_kept": len(report.bn_kept),
-                        }
-                    )
-                    if bits == 8:
-                        qdq = files / f"{model_name}-w8a8-qdq.onnx"
-                        to_onnx(qmodel, x[:1], qdq, integer_ops=False)
-                        res.setdefault("_lat", []).append((model_name, float_path, path, qdq, x))
+                    record_artifacts(res, files, model_name, bits, qmodel, x, float_path, report)
             print(f"{model_name} seed {seed} done ({time.time() - wall0:.0f} s)", flush=True)
 
     # 2. resnet20 / mobilenetv2, random weights and data
@@ -248,31 +254,7 @@ def main() -> int:
             row = {"model": model_name, "bits": f"W{bits}A{bits}", **kwargs}
             row.update(fidelity_row(qmodel, path, x, None))
             res["random"].append(row)
-            int_path, _ = to_integer(qmodel, files / f"{model_name}-w{bits}a{bits}.int.pt")
-            res["sizes"].append(
-                {
-                    "model": model_name,
-                    "bits": f"W{bits}A{bits}",
-                    "fp32_onnx": float_path.stat().st_size,
-                    "q_onnx": path.stat().st_size,
-                    "int_file": int_path.stat().st_size,
-                }
-            )
-            res["kernels"].append(
-                {
-                    "model": model_name,
-                    "bits": f"W{bits}A{bits}",
-                    "layers": len(report.layers),
-                    "quantized_inputs": sum(1 for r in report.layers if r["input_int"]),
-                    "integer_kernels": integer_kernels(path),
-                    "bn_folded": len(report.bn_folded),
-                    "bn_kept": len(report.bn_kept),
-                }
-            )
-            if bits == 8:
-                qdq = files / f"{model_name}-w8a8-qdq.onnx"
-                to_onnx(qmodel, x[:1], qdq, integer_ops=False)
-                res["_lat"].append((model_name, float_path, path, qdq, x))
+            record_artifacts(res, files, model_name, bits, qmodel, x, float_path, report)
         print(f"{model_name} done ({time.time() - wall0:.0f} s)", flush=True)
 
     # 3. latency, fp32 vs fused W8A8
