@@ -12,7 +12,10 @@ from qatlab.measure.registry import column_for, is_number
 from qatlab.measure.stats import kendall_tau
 
 TARGET = "gap_acc"
-SKIP = ("wall_time_s",)
+# the measures a generalization study ranks (accuracy, PTQ and corruption columns are outcomes,
+# not predictors of the gap, and would only lengthen the table)
+RANKED_SECTIONS = ("generalization", "noise", "flatness", "landscape")
+SKIP = ("wall_time_s", "train_acc")
 
 
 @register_section("kendall", default=False)
@@ -25,10 +28,17 @@ def _kendall(res: Results) -> list:
         for key, value in row.items():
             if key in keys or key == TARGET or key in SKIP or not is_number(value):
                 continue
-            if column_for(key) is not None:
+            column = column_for(key)
+            if column is not None and column[0].section in RANKED_SECTIONS:
                 keys.append(key)
     widths = sorted({_bits_of(r) for r in rows}, key=bits_order)[::-1]
-    headers = ["measure", "tau (all)", "n"] + (widths if len(widths) > 1 else [])
+    # populations: models of one data set and architecture (a gap on digits and one on
+    # MNIST-1D are not on one scale, so the pooled tau mixes two questions)
+    pops = sorted({_population(r) for r in rows})
+    pop_cols = pops if len(pops) > 1 else []
+    headers = ["measure", "tau (all)", "n"] + [f"tau {p}" for p in pop_cols]
+    headers += ["mean within populations"] if pop_cols else []
+    headers += widths if len(widths) > 1 else []
     table = Table(headers, [])
     for key in keys:
         cells = [column_for(key)[1] + f" ({key})"]
@@ -36,6 +46,18 @@ def _kendall(res: Results) -> list:
         if len(pairs) < 3:
             continue
         cells += [_tau(pairs), str(len(pairs))]
+        within = []
+        for pop in pop_cols:
+            part = [
+                (r[key], r[TARGET]) for r in rows if _population(r) == pop and is_number(r.get(key))
+            ]
+            tau = (
+                kendall_tau([p[0] for p in part], [p[1] for p in part]) if len(part) >= 3 else None
+            )
+            within += [tau] if tau is not None and tau == tau else []
+            cells.append("–" if tau is None else _fmt_tau(tau))
+        if pop_cols:
+            cells.append(_fmt_tau(sum(within) / len(within)) if within else "–")
         if len(widths) > 1:
             for w in widths:
                 part = [
@@ -49,16 +71,28 @@ def _kendall(res: Results) -> list:
             "p",
             f"Rank correlation (tau-b) between each measure and the accuracy gap ({TARGET}, "
             "train - test) over every finished model of this comparison (all seeds and "
-            "settings), and within each bit width. +1: the measure orders the models exactly "
-            "as their gaps; a sharpness measure that predicts generalization has tau > 0.",
+            "settings), within each population (one data set and model) and their mean, and "
+            "within each bit width, for the measures of the generalization, "
+            "noise, flatness and landscape sections. +1: the measure orders the models exactly "
+            "as their gaps. The flatness and bound measures (1/sigma^2 and the bounds built on "
+            "it) grow with sharpness, so one that predicts generalization has tau > 0; the "
+            "radii sigma, sigma', alpha, alpha' grow with flatness (tau < 0 if they predict).",
         ),
         ("table", table),
     ]
 
 
 def _tau(pairs: list[tuple[float, float]]) -> str:
-    tau = kendall_tau([p[0] for p in pairs], [p[1] for p in pairs])
+    return _fmt_tau(kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]))
+
+
+def _fmt_tau(tau: float) -> str:
     return "–" if tau != tau else f"{tau:+.2f}"
+
+
+def _population(row: dict) -> str:
+    """The data set and model a row's run trained: stage and model labels when present."""
+    return " ".join(str(row[k]) for k in ("stage", "model") if row.get(k) not in (None, ""))
 
 
 @register_section("landscapes", default=False)
