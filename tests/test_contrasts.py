@@ -57,7 +57,7 @@ def test_paired_interval_equals_reference_and_ignores_unpaired_seeds():
     assert p.n == 4 and p.mean == pytest.approx(mean, abs=1e-12)
     assert p.sd == pytest.approx(statistics.stdev(diffs), abs=1e-12)
     assert (p.lo, p.hi) == (pytest.approx(lo, abs=1e-5), pytest.approx(hi, abs=1e-5))
-    # hand computed: mean 0.025, sd 0.0129099, t(0.975, 3) 3.182, half 3.182 * 0.0129099 / 2 = 0.0205397
+    # by hand: mean 0.025, sd 0.0129099, t(0.975, 3) = 3.182, half 3.182 * 0.0129099 / 2 = 0.0205397
     assert (p.lo, p.hi) == (pytest.approx(0.0044603, abs=1e-5), pytest.approx(0.0455397, abs=1e-5))
     assert (p.wins, p.ties, p.losses) == (4, 0, 0)
     assert p.verdict() == "better"
@@ -260,6 +260,53 @@ def test_stage_contrast_matches_the_control_stage_on_shared_labels(tmp_path):
     ]
 
 
+def test_arms_of_a_stage_without_the_control_axis_and_metric_lists(tmp_path):
+    """oscreg's ablation: constant step (a stage without the lam axis) vs the reg stage's λ=0
+    at the same target bits, on two metrics; ``lam: 0`` names the label "0.0"."""
+    reg = {"name": "oscreg", "stats_every": 0}
+    grid = {
+        "name": "ablation",
+        "base": BASE,
+        "seeds": [0, 1],
+        "stages": [
+            {
+                "name": "reg",
+                "set": {"method": reg},
+                "axes": {"method.target_bits": [2, 3], "method.lam": [0.0, 1.0]},
+            },
+            {
+                "name": "const",
+                "set": {"method": {**reg, "lam": 1.0, "step_grad": False}},
+                "axes": {"method.target_bits": [2, 3]},
+            },
+        ],
+        "contrasts": [
+            {"metric": ["test_acc", "val_acc"], "control": {"stage": "reg", "lam": 0}},
+        ],
+    }
+    acc = {
+        ("2", "0.0"): [0.50, 0.52],
+        ("2", "1.0"): [0.60, 0.61],
+        ("3", "0.0"): [0.70, 0.72],
+        ("3", "1.0"): [0.71, 0.71],
+        ("2",): [0.49, 0.53],
+        ("3",): [0.75, 0.78],
+    }
+    out = _folder(tmp_path, grid, acc)
+    (table,) = _tables(contrast_blocks(load_results(out)))
+    got = [(r[0], r[1], r[2], r[4], r[6]) for r in table.rows]
+    assert got == [
+        ("reg 2 1.0", "reg 2 0.0", "test_acc", "+9.50", "2/0/0"),
+        ("reg 2 1.0", "reg 2 0.0", "val_acc", "+9.50", "2/0/0"),
+        ("reg 3 1.0", "reg 3 0.0", "test_acc", "+0.00", "1/0/1"),
+        ("reg 3 1.0", "reg 3 0.0", "val_acc", "+0.00", "1/0/1"),
+        ("const 2", "reg 2 0.0", "test_acc", "+0.00", "1/0/1"),
+        ("const 2", "reg 2 0.0", "val_acc", "+0.00", "1/0/1"),
+        ("const 3", "reg 3 0.0", "test_acc", "+5.50", "2/0/0"),
+        ("const 3", "reg 3 0.0", "val_acc", "+5.50", "2/0/0"),
+    ]
+
+
 def test_report_html_has_per_seed_rows_csv_link_and_contrasts(tmp_path):
     out = _folder(tmp_path, GRID, ACC)
     build_report(out)
@@ -292,7 +339,7 @@ def test_contrasts_do_not_change_the_fingerprint():
     [
         ({"metric": "test_acc"}, "contrasts must be a list"),
         ([{"metric": "test_acc"}], "contrasts[0] needs control: {label: value}"),
-        ([{"control": {"method": "qat"}}], "contrasts[0] needs metric"),
+        ([{"control": {"method": "qat"}}], "contrasts[0] needs metric: a result column"),
         ([{"metric": "test_acc", "controls": {}}], "unknown key 'controls' in contrasts[0] (did"),
         (
             [{"metric": "test_acc", "control": {"methd": "qat"}}],

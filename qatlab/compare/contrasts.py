@@ -1,12 +1,13 @@
 """Paired contrasts of a comparison: each arm against its control arm, seed by seed.
 
-A grid lists them under ``contrasts:``; each item names a ``metric`` and a ``control``: label
-values (a label column such as ``method``, ``bits``, ``model``, or ``stage``) that replace an
-arm's own values to find its control arm, the arm with the same other labels::
+A grid lists them under ``contrasts:``; each item names a ``metric`` (a result column, or a
+list of them) and a ``control``: label values (a label column such as ``method``, ``bits``,
+``model``, or ``stage``) that replace an arm's own values to find its control arm, the arm with
+the same other labels (arms of a stage with other axes match on the columns both have)::
 
     contrasts:
-      - {metric: test_acc, control: {method: lsq}}      # every other method vs lsq, per setting
-      - {metric: test_acc, control: {stage: float}, arms: {stage: [reg, const]}, tie: 0.001}
+      - {metric: test_acc, control: {method: qat}}      # every other method vs qat, per setting
+      - {metric: [xbf_2, xb_2], control: {stage: reg, lam: 0}, arms: {stage: [const, uniform]}}
 
 ``arms`` (optional) keeps only the arms whose labels take one of the listed values; ``tie``
 (default 0) is the tolerance of a tie, ``|d| <= tie`` in the metric's own units (0.001 = one
@@ -37,7 +38,7 @@ LEVEL = 0.95
 class Contrast:
     """One ``contrasts:`` item, validated (values as the label strings of the cells)."""
 
-    metric: str
+    metrics: tuple[str, ...]
     control: dict[str, str]
     arms: dict[str, list[str]] = field(default_factory=dict)
     tie: float = 0.0
@@ -74,8 +75,11 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
                 f"unknown key '{key}' in {where}{tip}; valid keys: {', '.join(CONTRAST_KEYS)}"
             )
     metric = item.get("metric")
-    if not isinstance(metric, str) or not metric:
-        raise ConfigError(f"{where} needs metric: a result column such as test_acc")
+    metrics = metric if isinstance(metric, list) else [metric]
+    if not metrics or not all(isinstance(m, str) and m for m in metrics):
+        raise ConfigError(
+            f"{where} needs metric: a result column such as test_acc (or a list), got {metric!r}"
+        )
     control = item.get("control")
     if not isinstance(control, dict) or not control:
         raise ConfigError(f"{where} needs control: {{label: value}}, e.g. {{method: qat}}")
@@ -95,7 +99,7 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
     better = item.get("better")
     if better not in (None, "max", "min"):
         raise ConfigError(f"{where} better must be max or min, got {better!r}")
-    return Contrast(metric, control, arms, float(tie), better)
+    return Contrast(tuple(metrics), control, arms, float(tie), better)
 
 
 def _value(value: Any, where: str, column: Any, values: dict[str, list[str]]) -> str:
@@ -104,12 +108,21 @@ def _value(value: Any, where: str, column: Any, values: dict[str, list[str]]) ->
             f"{where}: {column!r} is not a label column of this grid (columns: {', '.join(values)})"
         )
     label = "none" if value is None else str(value)
+    if label not in values[column] and is_number(value):  # lam: 1 for the label "1.0"
+        label = next((v for v in values[column] if _as_float(v) == value), label)
     if label not in values[column]:
         raise ConfigError(
             f"{where}: no cell has {column}={label!r} ({column} values: "
             f"{', '.join(map(repr, values[column]))})"
         )
     return label
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def label_values(cells: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -159,13 +172,12 @@ def arms_of(res: Any) -> list[Arm]:
 
 
 def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | None:
-    """``arm``'s control: the arm with the contrast's control values and ``arm``'s other labels
-    (an arm lacking a column of the control's - a stage without that axis - matches on the
-    columns it has). None when ``arm`` is not part of this contrast (it is a control, lacks a
-    control column, or is filtered out by ``arms``); a string says why no control was found."""
+    """``arm``'s control: the arm with the contrast's control values and ``arm``'s other labels;
+    arms of stages with other axes match on the columns both have. None when ``arm`` is not
+    part of this contrast (it is a control, is filtered out by ``arms``, or lacks a control
+    column and no arm fits); a string says why no control was found."""
     labels = arm.labels
-    if any(c not in labels for c in contrast.control):
-        return None
+    lacks = any(c not in labels for c in contrast.control)
     if any(labels.get(c) not in allowed for c, allowed in contrast.arms.items()):
         return None
     target = {**labels, **contrast.control}
@@ -184,7 +196,7 @@ def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | Non
     if len(found) == 1:
         return found[0]
     if not found:
-        return f"{arm.name}: no control arm with {contrast.describe()}"
+        return None if lacks else f"{arm.name}: no control arm with {contrast.describe()}"
     return f"{arm.name}: {len(found)} arms match {contrast.describe()} ({found[0].name}, ...)"
 
 
@@ -193,6 +205,7 @@ class Line:
     """One arm against its control on one metric: the pairs and the statistics."""
 
     contrast: Contrast
+    metric: str
     arm: Arm
     control: Arm
     paired: Paired
@@ -201,7 +214,7 @@ class Line:
     def higher_is_better(self) -> bool:
         if self.contrast.better is not None:
             return self.contrast.better == "max"
-        entry = column_for(self.contrast.metric)
+        entry = column_for(self.metric)
         return not (entry and entry[0].better == "min")
 
     @property
@@ -220,14 +233,14 @@ def contrast_lines(res: Any, contrast: Contrast) -> tuple[list[Line], list[str]]
         if isinstance(control, str):
             notes.append(control)
             continue
-        m = contrast.metric
-        paired = paired_differences(
-            {s: r.get(m) for s, r in arm.cells.items()},
-            {s: r.get(m) for s, r in control.cells.items()},
-            contrast.tie,
-            LEVEL,
-        )
-        lines.append(Line(contrast, arm, control, paired))
+        for m in contrast.metrics:
+            paired = paired_differences(
+                {s: r.get(m) for s, r in arm.cells.items()},
+                {s: r.get(m) for s, r in control.cells.items()},
+                contrast.tie,
+                LEVEL,
+            )
+            lines.append(Line(contrast, m, arm, control, paired))
     return lines, notes
 
 
@@ -256,7 +269,7 @@ def contrast_records(results: list[Result]) -> list[dict[str, Any]]:
             out.append(
                 {
                     "contrast": i,
-                    "metric": contrast.metric,
+                    "metric": line.metric,
                     "arm": line.arm.name,
                     "control": line.control.name,
                     **{f"arm_{k}": v for k, v in line.arm.ident},
@@ -285,9 +298,9 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
     """``contrasts.json``: each contrast with every arm's pairs (seed, both cells, values)."""
     doc = []
     for contrast, lines, notes in results:
-        m = contrast.metric
         entries = [
             {
+                "metric": (m := line.metric),
                 "arm": line.arm.name,
                 "control": line.control.name,
                 "verdict": line.verdict,
@@ -308,7 +321,7 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
         ]
         doc.append(
             {
-                "metric": m,
+                "metrics": list(contrast.metrics),
                 "control": contrast.control,
                 "arms": contrast.arms,
                 "tie": contrast.tie,
@@ -343,15 +356,18 @@ def contrast_blocks(res: Any) -> list:
         ),
     ]
     for contrast, lines, notes in results:
-        scale, unit = scale_of(contrast.metric, res.rows)
-        entry = column_for(contrast.metric)
-        head = f"{entry[1] if entry else contrast.metric} against {contrast.describe()}"
+        scales = {m: scale_of(m, res.rows) for m in contrast.metrics}
+        units = {u for _, u in scales.values()}
+        unit = units.pop() if len(units) == 1 else ""
+        names = [(e[1] if (e := column_for(m)) else m) for m in contrast.metrics]
+        head = f"{', '.join(names)} against {contrast.describe()}"
         if contrast.tie:
-            head += f"; tie: |d| <= {contrast.tie * scale:g} {unit}".rstrip()
+            tie = ", ".join(f"{contrast.tie * s:g} {u}".rstrip() for s, u in {*scales.values()})
+            head += f"; tie: |d| <= {tie}"
         blocks.append(("p", head))
         diff = "mean diff" + (f" ({unit})" if unit else "")
         headers = ["arm", "control", "metric", "n pairs", diff, "95% CI", "W/T/L", "verdict"]
-        table = Table(headers, [_cells(line, scale) for line in lines])
+        table = Table(headers, [_cells(line, scales[line.metric][0]) for line in lines])
         if table.rows:
             blocks.append(("table", table))
         if notes:
@@ -371,4 +387,4 @@ def _cells(line: Line, scale: float) -> list[str]:
     else:
         ci = f"[{fmt.format(p.lo * scale)}, {fmt.format(p.hi * scale)}]"
     wtl = f"{p.wins}/{p.ties}/{p.losses}"
-    return [line.arm.name, line.control.name, line.contrast.metric, n, mean, ci, wtl, line.verdict]
+    return [line.arm.name, line.control.name, line.metric, n, mean, ci, wtl, line.verdict]

@@ -415,15 +415,15 @@ def per_seed_table(res: Results) -> Table:
     from qatlab.compare.contrasts import arms_of
 
     keys = ["test_acc", "val_acc"] + [k for k in _columns(res, "accuracy") if k != "test_acc"]
-    keys += [
-        c.get("metric") for c in res.meta["grid"].get("contrasts") or [] if isinstance(c, dict)
-    ]
+    for contrast in res.meta["grid"].get("contrasts") or []:
+        metric = contrast.get("metric") if isinstance(contrast, dict) else None
+        keys += metric if isinstance(metric, list) else [metric]
     keys = [k for k in dict.fromkeys(keys) if isinstance(k, str)]
     keys = [k for k in keys if any(is_number(r.get(k)) for r in res.rows)]
     arm_of = {r["cell"]: a.name for a in arms_of(res) for r in a.cells.values()}
     gkeys = res.group_keys()
     headers = ["cell", "arm", *gkeys, "seed"]
-    headers += [column_for(k)[1] if column_for(k) else k for k in keys]
+    headers += [column_for(k)[1] if column_for(k) else k.replace("_acc", " acc %") for k in keys]
     table = Table(headers, [])
     order = {c["name"]: i for i, c in enumerate(res.cells)}
     for row in sorted(res.rows, key=lambda r: order.get(r["cell"], len(order))):
