@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from qatlab.cli import main
-from qatlab.compare.contrasts import contrast_blocks
+from qatlab.compare.contrasts import contrast_blocks, contrast_lines, label_values, parse_contrasts
 from qatlab.compare.engine import prepare_folder
 from qatlab.compare.report import build_report, load_results
-from qatlab.compare.spec import expand
+from qatlab.compare.spec import Grid, expand, load_grid
 from qatlab.errors import ConfigError
 from qatlab.measure.stats import paired_differences, t_quantile
 
@@ -104,13 +104,13 @@ ACC = {
 }
 
 
-def _folder(tmp_path: Path, grid: dict, acc: dict) -> Path:
+def _folder(tmp_path: Path, grid: dict | Grid, acc: dict) -> Path:
     """A comparison folder as the engine leaves it, with hand-written result rows."""
-    g = expand(grid)
-    out = tmp_path / "cmp"
+    g = grid if isinstance(grid, Grid) else expand(grid)
+    out = tmp_path / g.name
     prepare_folder(out, g, "test")
     for cell in g.cells:
-        value = acc[tuple(cell.labels.values())][cell.seed]
+        value = acc(cell) if callable(acc) else acc[tuple(cell.labels.values())][cell.seed]
         if value is None:
             continue
         row = {
@@ -124,6 +124,9 @@ def _folder(tmp_path: Path, grid: dict, acc: dict) -> Path:
             "val_acc": value + 0.01 * cell.seed,
             "wall_time_s": 1.0,
         }
+        if callable(acc):  # a preset's contrast metrics
+            row.update({k: value for k in ("acc_bn", "osc_share", "xb_2", "xb_3", "xb_4")})
+            row.update({k: value for k in ("xbf_2", "xbf_3", "xbf_4")})
         (out / "cells" / cell.name).mkdir(parents=True)
         (out / "cells" / cell.name / "result.json").write_text(json.dumps(row))
     return out
@@ -305,6 +308,27 @@ def test_arms_of_a_stage_without_the_control_axis_and_metric_lists(tmp_path):
         ("const 3", "reg 3 0.0", "test_acc", "+5.50", "2/0/0"),
         ("const 3", "reg 3 0.0", "val_acc", "+5.50", "2/0/0"),
     ]
+
+
+@pytest.mark.parametrize("preset", ["oscreg", "oscillations", "full"])
+def test_preset_contrasts_find_every_control(tmp_path, preset):
+    out = _folder(tmp_path, load_grid(preset), lambda cell: 0.5)
+    res = load_results(out)
+    pairs = {}
+    for contrast in parse_contrasts(res.meta["grid"]["contrasts"], label_values(res.cells)):
+        lines, notes = contrast_lines(res, contrast)
+        assert notes == [] and lines and all(line.paired.n == 3 for line in lines)
+        for line in lines:
+            pairs.setdefault(line.arm.name, set()).add(line.control.name)
+    if preset == "oscreg":  # the ablations: each against the same target's control
+        assert pairs["const 3"] == {"reg 3 0.0"}
+        assert pairs["uniform 2"] == {"reg 2 0.0", "reg 2 1.0"}
+        assert pairs["sweep 100.0"] == {"reg 2 0.0"}
+        assert len(pairs) == 3 + 3 + 2 + 3  # reg λ=1, const, uniform, sweep
+    elif preset == "oscillations":
+        assert pairs["qat mlp5 W3A3 freeze"] == {"qat mlp5 W3A3 track"} and len(pairs) == 8
+    else:
+        assert pairs["digits saq W2A2"] == {"digits qat W2A2"} and len(pairs) == 5 * 3 * 3
 
 
 def test_report_html_has_per_seed_rows_csv_link_and_contrasts(tmp_path):
