@@ -409,3 +409,29 @@ def test_study_intervals_use_the_exact_t_beyond_8_degrees_of_freedom():
     mean, half, _ = talr.paired(a, b)
     assert half == pytest.approx(2.262 * statistics.stdev(diffs) / math.sqrt(10), rel=2e-4)
     assert saq.t975(13) == pytest.approx(2.160, abs=5e-4)  # was 2.179 (df 12's)
+
+
+def test_oscreg_claims_carry_paired_intervals_over_seeds():
+    from qatlab.compare.oscreg_section import claims
+    from qatlab.compare.report import mean_std
+
+    cols = ["b2", "b3", "b4", "b8", "bfloat", "btrained"]
+    rows = []
+    for seed in range(3):
+        for arm in ("reg", "qat", "qatste"):
+            for t in ("2", "3", "4"):
+                vals = dict.fromkeys(cols, 0.7)
+                if (arm, t) == ("reg", "3"):
+                    vals["b3"] = [0.85, 0.86, 0.84][seed]
+                if (arm, t) == ("qat", "3"):
+                    vals["btrained"] = [0.80, 0.80, 0.81][seed]
+                lam = 1.0 if arm == "reg" else None
+                rows.append({"arm": arm, "target": t, "lam": lam, "model": "final", "seed": seed})
+                rows[-1].update(vals)
+    table = mean_std(rows, ["arm", "target"], cols)
+    text = "\n".join(b[1] for b in claims({"final": table}, rows))
+    mean, lo, hi = _reference([0.05, 0.06, 0.03])
+    assert f"3-bit vs LSQ {mean * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]" in text
+    assert "3-bit vs LSQ +4.7 [+0.9, +8.5]" in text
+    assert "4-bit vs LSQ +0.0 [+0.0, +0.0]" in text
+    assert "[" not in "\n".join(b[1] for b in claims({"final": table}))  # no rows: as before
