@@ -228,6 +228,26 @@ def test_contrast_section_rows_wtl_and_csv(tmp_path):
     }
 
 
+def test_an_arm_label_names_the_arms_and_does_not_stop_the_matching(tmp_path):
+    """Rows (and cells) may carry an explicit ``arm`` label: it names the table's rows."""
+    out = _folder(tmp_path, GRID, ACC)
+    doc = json.loads((out / "cells.json").read_text())
+    for cell in doc["cells"]:
+        cell["labels"]["arm"] = "{method}@{bits}".format(**cell["labels"])
+        path = out / "cells" / cell["name"] / "result.json"
+        if path.is_file():
+            path.write_text(json.dumps({**json.loads(path.read_text()), **cell["labels"]}))
+    doc["label_columns"].append("arm")
+    (out / "cells.json").write_text(json.dumps(doc))
+    first, _ = _tables(contrast_blocks(load_results(out)))
+    assert [(r[0], r[1], r[6]) for r in first.rows] == [
+        ("dampen@W4A4", "qat@W4A4", "3/0/0"),
+        ("dampen@W2A2", "qat@W2A2", "2/0/0"),
+        ("freeze@W4A4", "qat@W4A4", "1/0/2"),
+        ("freeze@W2A2", "qat@W2A2", "0/0/1"),
+    ]
+
+
 def test_stage_contrast_matches_the_control_stage_on_shared_labels(tmp_path):
     grid = {
         "name": "staged",

@@ -176,21 +176,21 @@ def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | Non
     arms of stages with other axes match on the columns both have. None when ``arm`` is not
     part of this contrast (it is a control, is filtered out by ``arms``, or lacks a control
     column and no arm fits); a string says why no control was found."""
-    labels = arm.labels
+    labels = _matching(arm, contrast)
     lacks = any(c not in labels for c in contrast.control)
-    if any(labels.get(c) not in allowed for c, allowed in contrast.arms.items()):
+    if any(arm.labels.get(c) not in allowed for c, allowed in contrast.arms.items()):
         return None
     target = {**labels, **contrast.control}
     if target == labels:
         return None
     found = []
     for other in arms:
-        have = other.labels
+        have = _matching(other, contrast)
         if other is arm or any(have.get(c) != v for c, v in contrast.control.items()):
             continue
         if all(target[c] == v for c, v in have.items() if c in target):
             found.append(other)
-    exact = [o for o in found if o.labels == target]
+    exact = [o for o in found if _matching(o, contrast) == target]
     if exact:
         return exact[0]
     if len(found) == 1:
@@ -198,6 +198,15 @@ def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | Non
     if not found:
         return None if lacks else f"{arm.name}: no control arm with {contrast.describe()}"
     return f"{arm.name}: {len(found)} arms match {contrast.describe()} ({found[0].name}, ...)"
+
+
+def _matching(arm: Arm, contrast: Contrast) -> dict[str, str]:
+    """The labels an arm is matched on: an ``arm`` label column (an explicit name for each
+    setting, unique to it) only when the contrast's control names it."""
+    labels = arm.labels
+    if "arm" in labels and "arm" not in contrast.control:
+        del labels["arm"]
+    return labels
 
 
 @dataclass

@@ -421,7 +421,7 @@ def per_seed_table(res: Results) -> Table:
     keys = [k for k in dict.fromkeys(keys) if isinstance(k, str)]
     keys = [k for k in keys if any(is_number(r.get(k)) for r in res.rows)]
     arm_of = {r["cell"]: a.name for a in arms_of(res) for r in a.cells.values()}
-    gkeys = res.group_keys()
+    gkeys = [k for k in res.group_keys() if k != "arm"]
     headers = ["cell", "arm", *gkeys, "seed"]
     headers += [column_for(k)[1] if column_for(k) else k.replace("_acc", " acc %") for k in keys]
     table = Table(headers, [])

@@ -19,7 +19,9 @@ A grid may instead list ``stages`` (each with ``name`` and its own ``set``, ``ax
 the cell of STAGE with the same seed and the same values on the axes both stages have, which
 therefore runs first. A method that trains float models only runs once per setting, in float;
 a method that needs quantization skips float cells. Everything is checked here, before any
-cell runs: each mistake is one :class:`ConfigError` line.
+cell runs: each mistake is one :class:`ConfigError` line. ``contrasts`` (report only: each arm
+against a control arm, paired by seed) is checked against the cells' labels here too
+(:mod:`qatlab.compare.contrasts`).
 """
 
 from __future__ import annotations
