@@ -35,6 +35,7 @@ from torch import nn
 import qatlab
 from qatlab import models
 from qatlab.export import integer_kernels, session, to_integer, to_onnx
+from qatlab.measure.stats import t_quantile
 from qatlab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from qatlab.train.config import load_config
 from qatlab.train.runner import run
@@ -47,11 +48,12 @@ BITS = (8, 4)
 
 def t_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% t interval."""
-    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
-    return mean, t975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(
+        len(values)
+    )
 
 
 def train(work: Path, name: str, model: str, seed: int, quant: dict | None, init: str | None):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from qatlab.compare.report import Results, _pyplot, mean_std, register_section, rows_table
+from qatlab.measure.registry import is_number
+from qatlab.measure.stats import paired_differences
 
 LAMBDA = 1.0  # the paper's value for MLP5 from scratch (lr 1e-3): the main regularizer arm
 ARMS = {
@@ -121,7 +123,8 @@ def oscreg_section(res: Results) -> list:
     if _plot_crossbit(tables["final"], targets, eval_bits, res):
         blocks.append(("img", "oscreg_crossbit.png", "accuracy vs evaluation bits"))
     if all(_find(tables["final"], a, t) for a in ("reg", "qat", "qatste") for t in "234"):
-        blocks += [("h2", "The paper's claims here"), *claims(tables), *ablations(tables)]
+        blocks += [("h2", "The paper's claims here"), *claims(tables, main_rows)]
+        blocks += ablations(tables)
     if len(lam_table) > 1:
         blocks += [
             ("h2", "Lambda sweep (authors' gradient, final epoch)"),
@@ -167,49 +170,78 @@ def _find(table: list[dict], arm: str, target: str, col: str = "bfloat") -> floa
     return None
 
 
-def claims(tables: dict[str, list[dict]]) -> list:
-    """The paper's three claims, checked on the final-epoch and early-stopped models."""
-    sign = "{:+.1f}".format
+def claims(tables: dict[str, list[dict]], rows: list[dict] | None = None) -> list:
+    """The paper's three claims, checked on the final-epoch and early-stopped models; with the
+    per-seed ``rows`` (:func:`study_rows`), each difference of means also gets its 95% paired
+    t-interval over the seeds (``[lo, hi]``)."""
     blocks: list = []
+    if rows is not None:
+        blocks.append(("p", "[lo, hi]: 95% paired t-interval over the seeds, in points."))
     for which, table in tables.items():
+
+        def sign(d: float, a: tuple, b: tuple, which: str = which) -> str:
+            return f"{d * 100:+.1f}" + _interval(rows, which, a, b)
+
         c1, c2, c3 = [], [], []
         for t in ("3", "4"):
             reg = _find(table, "reg", t, f"b{t}")
             for qarm in NAMES:
-                c1.append((t, qarm, reg - _find(table, qarm, t, "btrained")))
+                d = reg - _find(table, qarm, t, "btrained")
+                c1.append((t, qarm, d, sign(d, ("reg", t, [f"b{t}"]), (qarm, t, ["btrained"]))))
         reg2 = _find(table, "reg", "2", "b2")
         for qarm in NAMES:
-            c2.append((qarm, _find(table, qarm, "2", "btrained") - reg2))
+            d = _find(table, qarm, "2", "btrained") - reg2
+            c2.append((qarm, d, sign(d, (qarm, "2", ["btrained"]), ("reg", "2", ["b2"]))))
         for t in ("2", "3"):
             above = [k for k in table[0] if k[0] == "b" and k[1:].isdigit() and int(k[1:]) > int(t)]
             above.append("bfloat")
             for qarm in NAMES:
                 gaps = [_find(table, "reg", t, c) - _find(table, qarm, t, c) for c in above]
-                c3.append((t, qarm, sum(gaps) / len(gaps)))
+                d = sum(gaps) / len(gaps)
+                c3.append((t, qarm, d, sign(d, ("reg", t, above), (qarm, t, above))))
         blocks += [
             ("p", f"**{which} models**"),
             (
                 "p",
                 "1. *Regularized + PTQ recovers QAT accuracy at >= 3 bits*: oscreg (authors', "
                 f"λ={LAMBDA:g}) + PTQ minus QAT as trained, points: "
-                + "; ".join(f"{t}-bit vs {NAMES[q]} {sign(d * 100)}" for t, q, d in c1)
-                + f". Within 1 point or better in {sum(d > -0.01 for *_, d in c1)}/{len(c1)}.",
+                + "; ".join(f"{t}-bit vs {NAMES[q]} {txt}" for t, q, _, txt in c1)
+                + f". Within 1 point or better in {sum(d > -0.01 for *_, d, _ in c1)}/{len(c1)}.",
             ),
             (
                 "p",
                 "2. *QAT wins at ternary*: QAT as trained minus oscreg + PTQ at 2 bits: "
-                + "; ".join(f"{NAMES[q]} {sign(d * 100)}" for q, d in c2)
-                + f". QAT ahead in {sum(d > 0 for _, d in c2)}/{len(c2)}.",
+                + "; ".join(f"{NAMES[q]} {txt}" for q, _, txt in c2)
+                + f". QAT ahead in {sum(d > 0 for _, d, _ in c2)}/{len(c2)}.",
             ),
             (
                 "p",
                 "3. *Better cross-bit accuracy above the target*: mean over the widths above "
                 "the target (incl. float) of oscreg + PTQ minus QAT (latent weights, PTQ): "
-                + "; ".join(f"target {t} vs {NAMES[q]} {sign(d * 100)}" for t, q, d in c3)
-                + f". Regularized ahead in {sum(d > 0 for *_, d in c3)}/{len(c3)}.",
+                + "; ".join(f"target {t} vs {NAMES[q]} {txt}" for t, q, _, txt in c3)
+                + f". Regularized ahead in {sum(d > 0 for *_, d, _ in c3)}/{len(c3)}.",
             ),
         ]
     return blocks
+
+
+def _interval(rows: list[dict] | None, which: str, a: tuple, b: tuple) -> str:
+    """`` [lo, hi]``: the 95% paired t-interval (points) of arm ``a`` minus arm ``b``, each
+    ``(arm, target, columns)`` averaged over its columns per seed; "" without two pairs."""
+    if rows is None:
+        return ""
+
+    def per_seed(arm: str, target: str, cols: list[str]) -> dict:
+        out = {}
+        for r in rows:
+            if r["model"] == which and r["arm"] == arm and r["target"] == target:
+                vals = [r.get(c) for c in cols]
+                if all(is_number(v) for v in vals):
+                    out[r["seed"]] = sum(vals) / len(vals)
+        return out
+
+    p = paired_differences(per_seed(*a), per_seed(*b))
+    return "" if p.n < 2 else f" [{p.lo * 100:+.1f}, {p.hi * 100:+.1f}]"
 
 
 def ablations(tables: dict[str, list[dict]]) -> list:

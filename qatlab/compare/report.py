@@ -352,6 +352,7 @@ def _header(res: Results) -> list:
             "results.",
         )
     )
+    blocks.append(("p", "Every finished cell's row: [results.csv](results.csv)."))
     return blocks
 
 
@@ -390,6 +391,51 @@ def _accuracy(res: Results) -> list:
         ("table", metric_table(res, keys)),
         ("img", "curves.png", "validation accuracy over training"),
     ]
+
+
+@register_section("contrasts")
+def _contrasts(res: Results) -> list:
+    """The grid's ``contrasts:``: each arm against its control, paired by seed."""
+    from qatlab.compare.contrasts import contrast_blocks
+
+    return contrast_blocks(res)
+
+
+@register_section("per_seed")
+def _per_seed(res: Results) -> list:
+    """Every finished cell's own row (HTML only, collapsed): what the means are made of."""
+    if not res.rows:
+        return []
+    return [("details", "Per-seed results (one row per finished cell)", per_seed_table(res))]
+
+
+def per_seed_table(res: Results) -> Table:
+    """One row per finished cell in grid order: its arm, labels, seed, test and validation
+    accuracy, the other accuracy columns and the metrics the grid's contrasts compare."""
+    from qatlab.compare.contrasts import arms_of
+
+    keys = ["test_acc", "val_acc"] + [k for k in _columns(res, "accuracy") if k != "test_acc"]
+    for contrast in res.meta["grid"].get("contrasts") or []:
+        metric = contrast.get("metric") if isinstance(contrast, dict) else None
+        keys += metric if isinstance(metric, list) else [metric]
+    keys = [k for k in dict.fromkeys(keys) if isinstance(k, str)]
+    keys = [k for k in keys if any(is_number(r.get(k)) for r in res.rows)]
+    arm_of = {r["cell"]: a.name for a in arms_of(res) for r in a.cells.values()}
+    gkeys = [k for k in res.group_keys() if k != "arm"]
+    headers = ["cell", "arm", *gkeys, "seed"]
+    headers += [column_for(k)[1] if column_for(k) else k.replace("_acc", " acc %") for k in keys]
+    table = Table(headers, [])
+    order = {c["name"]: i for i, c in enumerate(res.cells)}
+    for row in sorted(res.rows, key=lambda r: order.get(r["cell"], len(order))):
+        cells = [row["cell"], arm_of.get(row["cell"], "–")]
+        cells += [str(row.get(k, "–")) for k in gkeys] + [str(row.get("seed", "–"))]
+        for key in keys:
+            value, entry = row.get(key), column_for(key)
+            scale = entry[0].scale if entry else (100.0 if key.endswith("_acc") else 1.0)
+            digits = 2 if scale == 100.0 else (entry[0].digits if entry else 4)
+            cells.append(f"{value * scale:.{digits}f}" if is_number(value) else "–")
+        table.rows.append(cells)
+    return table
 
 
 @register_section("crossbit")
@@ -708,6 +754,7 @@ def render_markdown(blocks: list) -> str:
             parts.append(f"![{block[2]}]({block[1]})")
         elif kind == "code":
             parts.append(f"```yaml\n{block[1]}\n```")
+        # "details" (a collapsed table) is HTML only: report.md stays short
     return "\n\n".join(parts) + "\n"
 
 
@@ -720,9 +767,13 @@ def render_html(blocks: list, folder: Path, title: str) -> str:
             body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
         elif kind == "p":
             text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(block[1]))
+            text = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
             body.append(f"<p>{text}</p>")
         elif kind == "table":
             body.append(block[1].html())
+        elif kind == "details":
+            summary = html.escape(block[1])
+            body.append(f"<details><summary>{summary}</summary>{block[2].html()}</details>")
         elif kind == "img":
             path = folder / block[1]
             if path.is_file():

@@ -23,6 +23,7 @@ from typing import Any
 
 from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
+from qatlab.measure.stats import t_quantile
 from qatlab.train.metrics import write_json
 
 SETTINGS = (("cnn1d", 4), ("mlp5", 4), ("cnn1d", 3), ("mlp5", 3))
@@ -31,32 +32,11 @@ LRS = (1.5e-3, 3e-3, 6e-3)  # LSQ's selection grid; every SAQ run uses LR
 LR = 3e-3
 SAMPLES = 5000  # the original MNIST-1D size: 3600 train / 400 val / 1000 test
 EPOCHS = 12
-# two-sided 97.5% Student-t quantiles by degrees of freedom (95% intervals)
-_T975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-    11: 2.201,
-    12: 2.179,
-    15: 2.131,
-    20: 2.086,
-    30: 2.042,
-}
 
 
 def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table, then 1.96)."""
-    if df in _T975:
-        return _T975[df]
-    lower = [k for k in _T975 if k < df]
-    return _T975[max(lower)] if df < 30 else 1.96 + 2.4 / df
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (95% intervals)."""
+    return t_quantile(0.975, df)
 
 
 def arm_name(ball: str | None, rho: float | None, lr: float, twice: bool = False) -> str:

@@ -19,7 +19,9 @@ A grid may instead list ``stages`` (each with ``name`` and its own ``set``, ``ax
 the cell of STAGE with the same seed and the same values on the axes both stages have, which
 therefore runs first. A method that trains float models only runs once per setting, in float;
 a method that needs quantization skips float cells. Everything is checked here, before any
-cell runs: each mistake is one :class:`ConfigError` line.
+cell runs: each mistake is one :class:`ConfigError` line. ``contrasts`` (report only: each arm
+against a control arm, paired by seed) is checked against the cells' labels here too
+(:mod:`qatlab.compare.contrasts`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ GRID_KEYS = (
     "follow_ups",
     "stages",
     "sections",
+    "contrasts",
 )
 STAGE_KEYS = ("name", "set", "axes", "overrides", "follow_ups", "init_from")
 ALL_METHODS = "*"
@@ -91,8 +94,10 @@ class Grid:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the grid as written (after ``--set``): a folder holds one grid only."""
-        text = json.dumps(self.source, sort_keys=True, default=str)
+        """Hash of the grid as written (after ``--set``): a folder holds one grid only.
+        ``contrasts`` (report only) is left out: adding one to a finished grid reruns nothing."""
+        cells = {k: v for k, v in self.source.items() if k != "contrasts"}
+        text = json.dumps(cells, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def cell(self, name: str) -> Cell:
@@ -224,6 +229,7 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
     for cell in cells:
         for follow_up in cell.follow_ups:
             check_follow_up(follow_up)
+    _check_contrasts(data.get("contrasts"), cells)
     return Grid(name, str(data.get("description") or ""), data, cells, columns)
 
 
@@ -240,6 +246,15 @@ def _check_sections(names: Any) -> None:
             raise ConfigError(
                 f"unknown report section {name!r}; available: {', '.join(sorted(EXTRA_SECTIONS))}"
             )
+
+
+def _check_contrasts(contrasts: Any, cells: list[Cell]) -> None:
+    """``contrasts``: paired arm-vs-control tables of the report, checked against the cells."""
+    from qatlab.compare.contrasts import label_values, parse_contrasts
+
+    parse_contrasts(
+        contrasts, label_values([{"stage": c.stage, "labels": c.labels} for c in cells])
+    )
 
 
 def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:

@@ -29,6 +29,7 @@ from torch import nn
 
 from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
+from qatlab.measure.stats import t_quantile
 from qatlab.methods.base import Hook
 from qatlab.quant.transitions import TransitionCounter, _key
 from qatlab.train.metrics import write_json
@@ -43,7 +44,6 @@ PAPER_LAMBDA = 5e-3  # the spec's default, for the literal law
 PROBE_MULTS = (0.3, 1.0, 3.0)  # constant U = mult x the plain LR
 LOG_EVERY = 5
 TAIL = 0.2  # the tracking criterion is measured after the first 20% of training
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
 
 # ----------------------------------------------------------------------------- flip log
@@ -274,7 +274,7 @@ def paired(a: list[dict], b: list[dict], key: str = "acc") -> tuple[float, float
     if len(diffs) < 2:
         return None
     values = [d for _, d in sorted(diffs)]
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return statistics.fmean(values), half, values
 
 
@@ -520,7 +520,7 @@ def report(
         f"lambda {PAPER_LAMBDA:g} on seed 0 only (so no paired tracking-vs-paper accuracy "
         "difference); the plant probe at 3 LR multiples, seed 0, W2A2; per-layer U, step and "
         "constant targets are implemented and tested but not studied.",
-        f"- {seeds} seeds: the t-intervals are wide (t = {T_975.get(seeds - 1, 1.96)}). "
+        f"- {seeds} seeds: the t-intervals are wide (t = {t_quantile(0.975, seeds - 1):.3f}). "
         "ResNet/CIFAR, binary networks and detection (the paper's other claims) not attempted.",
         "",
     ]
@@ -815,7 +815,7 @@ def accuracy_section(rows: list[dict], chosen: dict[str, float]) -> list[str]:
     lines += ["", "Pooled over the 4 settings and the seeds (final test accuracy):", ""]
     for (opt, label), values in pooled.items():
         if len(values) > 1:
-            half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values)
+            half = t_quantile(0.975, len(values) - 1) * statistics.stdev(values)
             half /= math.sqrt(len(values))
             lines.append(
                 f"- {opt}: {label}: {statistics.fmean(values) * 100:+.2f} ± {half * 100:.2f} "
