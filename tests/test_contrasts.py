@@ -455,3 +455,39 @@ def test_oscreg_claims_carry_paired_intervals_over_seeds():
     assert "3-bit vs LSQ +4.7 [+0.9, +8.5]" in text
     assert "4-bit vs LSQ +0.0 [+0.0, +0.0]" in text
     assert "[" not in "\n".join(b[1] for b in claims({"final": table}))  # no rows: as before
+
+
+def test_control_metric_reads_the_controls_value_from_a_template_column(tmp_path):
+    """QAT at W4 against the float model post-training quantized to W4 (another column of the
+    float row): ``control_metric: "ptqcorr_{bits}"`` is filled with the arm's labels."""
+    grid = {
+        "name": "qat-vs-ptq",
+        "base": BASE,
+        "seeds": [0, 1],
+        "axes": {"quant": [None, {"weight_bits": 4, "act_bits": 4}]},
+        "contrasts": [
+            {
+                "metric": "corr_mean",
+                "control": {"bits": "float"},
+                "control_metric": "ptqcorr_{bits}",
+            }
+        ],
+    }
+    g = expand(grid)
+    out = _folder(tmp_path, g, lambda cell: 0.5)
+    for cell in g.cells:  # QAT: 0.80/0.82 corrupted; float+PTQ W4: 0.70/0.75 (float: 0.9)
+        path = out / "cells" / cell.name / "result.json"
+        row = json.loads(path.read_text())
+        if cell.labels["bits"] == "float":
+            row.update(corr_mean=0.9, ptqcorr_W4A4=[0.70, 0.75][cell.seed])
+        else:
+            row.update(corr_mean=[0.80, 0.82][cell.seed])
+        path.write_text(json.dumps(row))
+    (table,) = _tables(contrast_blocks(load_results(out)))
+    assert [r[:5] for r in table.rows] == [
+        ["W4A4", "float", "corr_mean vs ptqcorr_W4A4", "2", "+8.50"]  # (10 + 7) / 2 points
+    ]
+    doc = json.loads((out / "contrasts.json").read_text())
+    assert [p["control_value"] for p in doc[0]["lines"][0]["pairs"]] == [0.70, 0.75]
+    with pytest.raises(ConfigError, match="control_metric"):
+        expand({**grid, "contrasts": [{**grid["contrasts"][0], "control_metric": "x_{nope}"}]})

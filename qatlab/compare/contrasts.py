@@ -9,6 +9,10 @@ the same other labels (arms of a stage with other axes match on the columns both
       - {metric: test_acc, control: {method: qat}}      # every other method vs qat, per setting
       - {metric: [xbf_2, xb_2], control: {stage: reg, lam: 0}, arms: {stage: [const, uniform]}}
 
+``control_metric`` (optional, one metric only) reads the control's value from another column,
+a template filled with the arm's labels: ``{metric: corr_mean, control: {bits: float},
+control_metric: "ptqcorr_{bits}"}`` pairs each QAT model's corrupted accuracy with the float
+model's after post-training quantization at the arm's own width.
 ``arms`` (optional) keeps only the arms whose labels take one of the listed values; ``tie``
 (default 0) is the tolerance of a tie, ``|d| <= tie`` in the metric's own units (0.001 = one
 test example in 1000); ``better`` (``max``/``min``, default the metric's registered column,
@@ -30,7 +34,7 @@ from qatlab.errors import ConfigError
 from qatlab.measure.registry import column_for, is_number
 from qatlab.measure.stats import Paired, paired_differences
 
-CONTRAST_KEYS = ("metric", "control", "arms", "tie", "better")
+CONTRAST_KEYS = ("metric", "control", "arms", "tie", "better", "control_metric")
 LEVEL = 0.95
 
 
@@ -43,6 +47,13 @@ class Contrast:
     arms: dict[str, list[str]] = field(default_factory=dict)
     tie: float = 0.0
     better: str | None = None  # None: the metric's registered column says, else "max"
+    control_metric: str | None = None  # template over the arm's labels, e.g. "ptqcorr_{bits}"
+
+    def control_key(self, metric: str, arm_labels: dict[str, str]) -> str:
+        """The column the control's value is read from, for an arm with ``arm_labels``."""
+        if self.control_metric is None:
+            return metric
+        return self.control_metric.format(**arm_labels)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.control.items())
@@ -99,7 +110,21 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
     better = item.get("better")
     if better not in (None, "max", "min"):
         raise ConfigError(f"{where} better must be max or min, got {better!r}")
-    return Contrast(tuple(metrics), control, arms, float(tie), better)
+    control_metric = item.get("control_metric")
+    if control_metric is not None:
+        if not isinstance(control_metric, str) or len(metrics) != 1:
+            raise ConfigError(
+                f"{where} control_metric must be one column name (a template such as "
+                f"'ptqcorr_{{bits}}') and needs exactly one metric, got {control_metric!r}"
+            )
+        try:
+            control_metric.format(**{k: "" for k in values})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"{where} control_metric {control_metric!r}: {{{exc}}} is not a label column "
+                f"(columns: {', '.join(values)})"
+            ) from None
+    return Contrast(tuple(metrics), control, arms, float(tie), better, control_metric)
 
 
 def _value(value: Any, where: str, column: Any, values: dict[str, list[str]]) -> str:
@@ -218,6 +243,15 @@ class Line:
     arm: Arm
     control: Arm
     paired: Paired
+    control_metric: str = ""  # the control's column (the metric itself unless a template)
+
+    def __post_init__(self) -> None:
+        self.control_metric = self.control_metric or self.metric
+
+    @property
+    def metric_name(self) -> str:
+        same = self.control_metric == self.metric
+        return self.metric if same else f"{self.metric} vs {self.control_metric}"
 
     @property
     def higher_is_better(self) -> bool:
@@ -243,13 +277,14 @@ def contrast_lines(res: Any, contrast: Contrast) -> tuple[list[Line], list[str]]
             notes.append(control)
             continue
         for m in contrast.metrics:
+            cm = contrast.control_key(m, arm.labels)
             paired = paired_differences(
                 {s: r.get(m) for s, r in arm.cells.items()},
-                {s: r.get(m) for s, r in control.cells.items()},
+                {s: r.get(cm) for s, r in control.cells.items()},
                 contrast.tie,
                 LEVEL,
             )
-            lines.append(Line(contrast, m, arm, control, paired))
+            lines.append(Line(contrast, m, arm, control, paired, cm))
     return lines, notes
 
 
@@ -279,6 +314,7 @@ def contrast_records(results: list[Result]) -> list[dict[str, Any]]:
                 {
                     "contrast": i,
                     "metric": line.metric,
+                    "control_metric": line.control_metric,
                     "arm": line.arm.name,
                     "control": line.control.name,
                     **{f"arm_{k}": v for k, v in line.arm.ident},
@@ -310,6 +346,7 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
         entries = [
             {
                 "metric": (m := line.metric),
+                "control_metric": (cm := line.control_metric),
                 "arm": line.arm.name,
                 "control": line.control.name,
                 "verdict": line.verdict,
@@ -320,7 +357,7 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
                         "arm_cell": line.arm.cells[s]["cell"],
                         "control_cell": line.control.cells[s]["cell"],
                         "arm_value": line.arm.cells[s][m],
-                        "control_value": line.control.cells[s][m],
+                        "control_value": line.control.cells[s][cm],
                         "diff": d,
                     }
                     for s, d in line.paired.diffs
@@ -396,4 +433,4 @@ def _cells(line: Line, scale: float) -> list[str]:
     else:
         ci = f"[{fmt.format(p.lo * scale)}, {fmt.format(p.hi * scale)}]"
     wtl = f"{p.wins}/{p.ties}/{p.losses}"
-    return [line.arm.name, line.control.name, line.metric, n, mean, ci, wtl, line.verdict]
+    return [line.arm.name, line.control.name, line.metric_name, n, mean, ci, wtl, line.verdict]
