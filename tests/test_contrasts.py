@@ -491,3 +491,22 @@ def test_control_metric_reads_the_controls_value_from_a_template_column(tmp_path
     assert [p["control_value"] for p in doc[0]["lines"][0]["pairs"]] == [0.70, 0.75]
     with pytest.raises(ConfigError, match="control_metric"):
         expand({**grid, "contrasts": [{**grid["contrasts"][0], "control_metric": "x_{nope}"}]})
+
+
+def test_pool_merges_arms_that_differ_only_in_the_pooled_columns(tmp_path):
+    """``pool: [bits]`` over dampen/freeze vs qat: one line per method whose pairs are
+    (bits, seed); the mean is over every pair of both widths."""
+    contrast = {"metric": "test_acc", "control": {"method": "qat"}, "pool": ["bits"]}
+    out = _folder(tmp_path, {**GRID, "contrasts": [contrast]}, ACC)
+    res = load_results(out)
+    (parsed,) = parse_contrasts([contrast], label_values(res.cells))
+    lines, _ = contrast_lines(res, parsed)
+    dampen, freeze = lines
+    assert dampen.arm.name == "dampen (pooled over bits)" and dampen.control.name == "qat"
+    # W4A4: .03 .02 .04, W2A2: .02 .01 (seed 2 unpaired)
+    assert [d for _, d in dampen.paired.diffs] == pytest.approx([0.02, 0.01, 0.03, 0.02, 0.04])
+    assert [k for k, _ in dampen.paired.diffs][0] == ("W2A2", 0)
+    assert dampen.paired.unpaired == 1
+    assert freeze.paired.n == 4  # W4A4 x3 + W2A2 seed 0
+    with pytest.raises(ConfigError, match="pool"):
+        parse_contrasts([{**contrast, "pool": ["method"]}], label_values(res.cells))

@@ -13,6 +13,9 @@ the same other labels (arms of a stage with other axes match on the columns both
 a template filled with the arm's labels: ``{metric: corr_mean, control: {bits: float},
 control_metric: "ptqcorr_{bits}"}`` pairs each QAT model's corrupted accuracy with the float
 model's after post-training quantization at the arm's own width.
+``pool`` (optional, label columns) merges the arms that differ only in those columns into one
+line whose pairs are (their values, seed): ``pool: [stage, model, lr]`` gives one line per bit
+width over every data set, model, learning rate and seed.
 ``arms`` (optional) keeps only the arms whose labels take one of the listed values; ``tie``
 (default 0) is the tolerance of a tie, ``|d| <= tie`` in the metric's own units (0.001 = one
 test example in 1000); ``better`` (``max``/``min``, default the metric's registered column,
@@ -34,7 +37,7 @@ from qatlab.errors import ConfigError
 from qatlab.measure.registry import column_for, is_number
 from qatlab.measure.stats import Paired, paired_differences
 
-CONTRAST_KEYS = ("metric", "control", "arms", "tie", "better", "control_metric")
+CONTRAST_KEYS = ("metric", "control", "arms", "tie", "better", "control_metric", "pool")
 LEVEL = 0.95
 
 
@@ -48,6 +51,7 @@ class Contrast:
     tie: float = 0.0
     better: str | None = None  # None: the metric's registered column says, else "max"
     control_metric: str | None = None  # template over the arm's labels, e.g. "ptqcorr_{bits}"
+    pool: tuple[str, ...] = ()  # label columns whose arms are merged (pairs: their values, seed)
 
     def control_key(self, metric: str, arm_labels: dict[str, str]) -> str:
         """The column the control's value is read from, for an arm with ``arm_labels``."""
@@ -124,7 +128,15 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
                 f"{where} control_metric {control_metric!r}: {{{exc}}} is not a label column "
                 f"(columns: {', '.join(values)})"
             ) from None
-    return Contrast(tuple(metrics), control, arms, float(tie), better, control_metric)
+    pool = item.get("pool") or []
+    pool = pool if isinstance(pool, list) else [pool]
+    for column in pool:
+        if column not in values or column in control:
+            raise ConfigError(
+                f"{where} pool: {column!r} must be a label column other than the control's "
+                f"(columns: {', '.join(values)})"
+            )
+    return Contrast(tuple(metrics), control, arms, float(tie), better, control_metric, tuple(pool))
 
 
 def _value(value: Any, where: str, column: Any, values: dict[str, list[str]]) -> str:
@@ -285,7 +297,35 @@ def contrast_lines(res: Any, contrast: Contrast) -> tuple[list[Line], list[str]]
                 LEVEL,
             )
             lines.append(Line(contrast, m, arm, control, paired, cm))
-    return lines, notes
+    return (_pooled(lines, contrast) if contrast.pool else lines), notes
+
+
+def _pooled(lines: list[Line], contrast: Contrast) -> list[Line]:
+    """Lines of arms equal but for the ``pool`` columns merged: one line per remaining labels
+    and metric, its pairs keyed by (the pooled columns' values, seed)."""
+    groups: dict[tuple, list[Line]] = {}
+    for line in lines:
+        keep = tuple((k, v) for k, v in line.arm.ident if k not in contrast.pool)
+        groups.setdefault((line.metric, keep), []).append(line)
+    out = []
+    for (metric, keep), group in groups.items():
+        pooled = ", ".join(contrast.pool)
+        arm = Arm(keep, " ".join(v for _, v in keep if v) + f" (pooled over {pooled})")
+        base = tuple((k, v) for k, v in group[0].control.ident if k not in contrast.pool)
+        control = Arm(base, " ".join(v for _, v in base if v))
+        arm_values, control_values = {}, {}
+        for line in group:
+            tag = tuple(v for k, v in line.arm.ident if k in contrast.pool)
+            for seed, row in line.arm.cells.items():
+                arm.cells[(*tag, seed)] = row
+                arm_values[(*tag, seed)] = row.get(metric)
+            for seed, row in line.control.cells.items():
+                control.cells[(*tag, seed)] = row
+                control_values[(*tag, seed)] = row.get(line.control_metric)
+        paired = paired_differences(arm_values, control_values, contrast.tie, LEVEL)
+        cm = group[0].control_metric if len({g.control_metric for g in group}) == 1 else ""
+        out.append(Line(contrast, metric, arm, control, paired, cm or f"{metric} (per arm)"))
+    return out
 
 
 def scale_of(metric: str, rows: list[dict[str, Any]]) -> tuple[float, str]:
@@ -332,11 +372,16 @@ def contrast_records(results: list[Result]) -> list[dict[str, Any]]:
                     "losses": p.losses,
                     "higher_is_better": line.higher_is_better,
                     "verdict": line.verdict,
-                    "seeds": " ".join(str(s) for s, _ in p.diffs),
+                    "seeds": " ".join(_key(s) for s, _ in p.diffs),
                     "diffs": " ".join(f"{d:.6g}" for _, d in p.diffs),
                 }
             )
     return out
+
+
+def _key(pair: Any) -> str:
+    """A pair's name: its seed, or (pooled) the pooled columns' values and the seed."""
+    return "/".join(map(str, pair)) if isinstance(pair, tuple) else str(pair)
 
 
 def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
@@ -357,7 +402,7 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
                         "arm_cell": line.arm.cells[s]["cell"],
                         "control_cell": line.control.cells[s]["cell"],
                         "arm_value": line.arm.cells[s][m],
-                        "control_value": line.control.cells[s][cm],
+                        "control_value": line.control.cells[s].get(cm),
                         "diff": d,
                     }
                     for s, d in line.paired.diffs
