@@ -71,6 +71,8 @@ def test_ties_tolerance_verdicts_and_small_n():
     assert paired_differences({0: 1.0}, {0: 1.0}).ties == 1  # |d| <= 0 with the default tie
     worse = paired_differences({0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 3.1, 2: 4.05})
     assert worse.hi < 0 and worse.verdict() == "worse"
+    assert worse.verdict(higher_is_better=False) == "better"
+    assert worse.verdict(higher_is_better=None) == "lower"  # a metric with no better side
     one = paired_differences({0: 0.5, 1: 0.7}, {0: 0.4})
     assert (one.n, one.unpaired, one.mean, one.lo, one.hi) == (1, 1, pytest.approx(0.1), None, None)
     assert one.verdict() == "no interval (n=1)"

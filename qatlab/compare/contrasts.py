@@ -266,11 +266,15 @@ class Line:
         return self.metric if same else f"{self.metric} vs {self.control_metric}"
 
     @property
-    def higher_is_better(self) -> bool:
+    def higher_is_better(self) -> bool | None:
+        """The contrast's ``better``, else the registered column's (None: a column with no
+        better side, such as a training loss, gets ``higher``/``lower``), else True."""
         if self.contrast.better is not None:
             return self.contrast.better == "max"
         entry = column_for(self.metric)
-        return not (entry and entry[0].better == "min")
+        if entry is None:
+            return True
+        return None if entry[0].better is None else entry[0].better == "max"
 
     @property
     def verdict(self) -> str:
@@ -296,7 +300,8 @@ def contrast_lines(res: Any, contrast: Contrast) -> tuple[list[Line], list[str]]
                 contrast.tie,
                 LEVEL,
             )
-            lines.append(Line(contrast, m, arm, control, paired, cm))
+            if paired.n or paired.unpaired:  # a metric neither arm has (not measured there)
+                lines.append(Line(contrast, m, arm, control, paired, cm))
     return (_pooled(lines, contrast) if contrast.pool else lines), notes
 
 

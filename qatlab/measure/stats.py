@@ -159,8 +159,9 @@ class Paired:
     def losses(self) -> int:
         return sum(d < -self.tie for d in self.values)
 
-    def verdict(self, higher_is_better: bool = True) -> str:
-        """``better`` / ``worse`` when the interval excludes 0 (on the better / worse side),
+    def verdict(self, higher_is_better: bool | None = True) -> str:
+        """``better`` / ``worse`` when the interval excludes 0 (on the better / worse side;
+        ``higher`` / ``lower`` for a metric with no better side, ``higher_is_better=None``),
         else ``no detectable difference (n=N)``; with fewer than 2 pairs, says why there is
         no interval."""
         if self.n == 0:
@@ -168,6 +169,8 @@ class Paired:
         if self.n == 1:
             return "no interval (n=1)"
         if self.lo > 0 or self.hi < 0:
+            if higher_is_better is None:
+                return "higher" if self.lo > 0 else "lower"
             return "better" if (self.lo > 0) == higher_is_better else "worse"
         return f"no detectable difference (n={self.n})"
 
