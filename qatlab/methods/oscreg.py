@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.measure.crossbit import ptq_accuracy
-from qatlab.methods import register_method
 from qatlab.methods.base import Hook
 from qatlab.methods.oscillation import bin_distance
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import QuantLayer
 from qatlab.quant.quantizer import Quantizer
 

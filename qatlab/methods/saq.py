@@ -103,8 +103,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
-from qatlab.methods import register_method
 from qatlab.methods.base import Hook, OptimizerWrapper, frozen_bn_stats, grad_norm
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import quant_layers
 from qatlab.quant.weights import KeptWeights, keep_quantized_weights, perturbed_weights, release
 

@@ -117,8 +117,8 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
-from qatlab.methods import register_method
 from qatlab.methods.base import Hook, OptimizerWrapper
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import quant_layers
 from qatlab.quant.transitions import TransitionCounter
 
