@@ -530,17 +530,22 @@ def test_trainer_logs_transition_rate_and_tracks_training_steps_only(tiny_data_c
     }
     cfg = RunConfig.from_dict(raw)
     model, data, hooks = build(cfg)
-    calls = []
+    calls, results = [], []
     counter = hooks[0].transitions
     original = counter.update
 
     def spy(model, step=None):
         calls.append(step)
-        return original(model, step)
+        results.append(original(model, step))
+        return results[-1]
 
     counter.update = spy
     summary = fit(model, data, cfg.train, hooks=hooks, run_dir=cfg.run_dir, run_config=cfg)
-    assert sorted(set(calls)) == list(range(summary["steps"]))  # training steps only, each once
+    # training steps only, in order: the tracker and the trainer's log each ask once per step...
+    assert calls == [step for step in range(summary["steps"]) for _ in ("tracker", "log")]
+    # ...and share one count: the second call of a step returns the first one's result
+    assert all(results[i] is results[i + 1] for i in range(0, len(results), 2))
+    assert len({id(r) for r in results}) == summary["steps"]
     records = read_jsonl(tmp_path / "tr" / "metrics.jsonl")
     epochs = [r for r in records if "train_loss" in r]
     assert all(0 < r["tr"] < 1 for r in epochs)
