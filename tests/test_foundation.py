@@ -15,7 +15,15 @@ from torch import nn
 
 import qatlab
 from qatlab.cli import main
-from qatlab.methods import METHODS, Hook, OptimizerWrapper, frozen_bn_stats, get_method
+from qatlab.errors import ConfigError
+from qatlab.methods import (
+    METHODS,
+    Hook,
+    OptimizerWrapper,
+    check_options,
+    frozen_bn_stats,
+    get_method,
+)
 from qatlab.quant import (
     TransitionCounter,
     keep_quantized_weights,
@@ -258,6 +266,29 @@ def test_the_layering_check_catches_up_imports_sideways_imports_and_cycles(tmp_p
 
 
 # ----------------------------------------------------------------------------- registry
+@pytest.mark.parametrize(
+    "method, option, value",
+    [
+        ("saq", "case", 4),
+        ("saq", "ball", "unit"),
+        ("talr", "schedule", "linear"),
+        ("talr", "milestones", "half"),
+        ("talr", "momentum", 1.0),
+        ("oscreg", "aggregation", "sum"),
+        ("oscreg", "grid", "odd"),
+        ("dampen", "aggregation", "max"),
+    ],
+)
+def test_a_bad_method_option_value_is_refused_when_the_config_is_read(method, option, value):
+    """A method's options are declared once (its builder's signature) and checked in one place
+    (check_options, which runs the method's registered check): an impossible value is one
+    ConfigError line from the run config itself, before any model or hook exists."""
+    assert check_options(method, {}) == get_method(method).options  # the defaults pass
+    raw = {"model": {"name": "mlp5"}, "method": {"name": method, option: value}}
+    if get_method(method).needs_quant:
+        raw["quant"] = {"weight_bits": 4, "act_bits": 4}
+    with pytest.raises(ConfigError, match=rf"^method\.{option} .*{value}"):
+        RunConfig.from_dict(raw)
 
 
 def _tensors_equal(a, b, where="") -> None:

@@ -11,10 +11,10 @@ their defaults, and the first line of its docstring is the method's description:
 
 and is imported at the bottom of this file (one line per module). The registry itself lives in
 :mod:`qatlab.methods.registry`, a leaf that method modules import (never this package, which
-imports them). Options are checked against the defaults (name and type) before any run starts;
-``aliases`` let generic CLI flags (``--lambda``, ``--target-bits``, ``--rho``) reach a method's
-own option names. This package
-never imports :mod:`qatlab.train`.
+imports them). Options are checked in one place, :func:`check_options`, before any run starts:
+names and types against the defaults, values by the method's own ``check`` (an argument of
+:func:`register_method`); ``aliases`` let generic CLI flags (``--lambda``, ``--target-bits``,
+``--rho``) reach a method's own option names. This package never imports :mod:`qatlab.train`.
 """
 
 from __future__ import annotations

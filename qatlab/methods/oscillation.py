@@ -9,10 +9,12 @@ re-estimation), and keep their state in buffers of an ``nn.Module`` so it travel
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from qatlab.errors import ConfigError
 from qatlab.methods.base import Hook
 from qatlab.methods.registry import register_method
 from qatlab.quant.layers import QuantLayer, quant_layers
@@ -371,7 +373,15 @@ def _track(
     return [OscillationTracker(model, momentum, threshold, log_every=log_every)]
 
 
-@register_method("dampen", aliases={"lambda": "lambda_max"}, needs_quant=True)
+def _check_dampen(aggregation: str, **_: Any) -> None:
+    """A one-line ConfigError for an aggregation ``dampen`` does not offer."""
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(
+            f"method.aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}"
+        )
+
+
+@register_method("dampen", aliases={"lambda": "lambda_max"}, needs_quant=True, check=_check_dampen)
 def _dampen(
     model,
     quant,

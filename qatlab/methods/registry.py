@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: builder, option defaults, option aliases, whether it needs quant."""
+    """A registered method: builder, option defaults, option aliases, whether it needs quant,
+    and the check of its option values."""
 
     name: str
     build: Callable[..., list]
@@ -34,6 +35,7 @@ class MethodSpec:
     aliases: dict[str, str]
     needs_quant: bool | None  # True: quantized runs only; False: float only; None: either
     description: str
+    check: Callable[..., None] | None = None  # check(**options): a ConfigError if impossible
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -44,10 +46,15 @@ def register_method(
     *,
     aliases: dict[str, str] | None = None,
     needs_quant: bool | None = None,
+    check: Callable[..., None] | None = None,
 ) -> Callable:
     """Decorator: register ``build(model, quant, total_steps, **options) -> list[Hook]``.
 
-    The options are the builder's keyword arguments after the first three, with their defaults.
+    The options are the builder's keyword arguments after the first three, with their defaults
+    (their one declaration: names, defaults and types). ``check(**options)`` raises a one-line
+    ConfigError for impossible values (a choice not offered, a negative rate); it runs in
+    :func:`check_options`, the one place options are checked, when a run config is validated,
+    so a bad value in any cell of a grid is refused before anything trains.
     """
 
     def wrap(build: Callable) -> Callable:
@@ -65,6 +72,7 @@ def register_method(
             dict(aliases or {}),
             needs_quant,
             doc[0] if doc else "",
+            check,
         )
         return build
 
@@ -87,7 +95,8 @@ def get_method(name: str) -> MethodSpec:
 
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Return ``options`` of method ``name`` with aliases resolved and defaults filled in, or
-    raise a one-line ConfigError."""
+    raise a one-line ConfigError: unknown name, wrong type, or a value the method's ``check``
+    refuses."""
     spec = get_method(name)
     out = dict(spec.options)
     for key, value in options.items():
@@ -103,6 +112,8 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
                 tip = "; it takes no options"
             raise ConfigError(f"unknown key '{key}' in method {name}{tip}")
         out[option] = like(value, spec.options[option], f"method.{option}")
+    if spec.check is not None:
+        spec.check(**out)
     return out
 
 

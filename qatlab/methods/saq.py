@@ -433,8 +433,8 @@ def _extras(
     return extras, biases, steps
 
 
-def check(rho: float, case: int, every: int, eta: float, ball: str = "raw") -> None:
-    """One-line ConfigErrors for impossible options."""
+def check(rho: float, case: int, every: int, eta: float, ball: str = "raw", **_: Any) -> None:
+    """One-line ConfigErrors for impossible options (the registry's check of ``saq``, too)."""
     if ball not in BALLS:
         raise ConfigError(
             f"method.ball must be one of {', '.join(BALLS)} (std = rho in units of each "
@@ -475,7 +475,7 @@ class SAQHook(Hook):
         return self.optimizer
 
 
-@register_method("saq", needs_quant=True)
+@register_method("saq", needs_quant=True, check=check)
 def _saq(
     model: nn.Module,
     quant: Any,
