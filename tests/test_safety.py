@@ -187,25 +187,35 @@ def test_a_diverged_run_is_one_line_and_exit_3(tmp_path, small_data, capsys, mon
 
 
 @pytest.mark.parametrize(
-    "optimizer, lr, what",
-    [("sgd", "1e3", "not finite"), ("adam", "30", "the first step's")],
+    "optimizer, lr, boost, what",
+    [("sgd", "1e-2", 1e5, "not finite"), ("adam", "3e-3", 1e4, "the first step's")],
 )
 def test_a_real_diverging_run_stops_with_exit_3_and_saves_nothing_non_finite(
-    tmp_path, small_data, capsys, optimizer, lr, what
+    tmp_path, small_data, capsys, monkeypatch, optimizer, lr, boost, what
 ):
-    """SGD at lr 1e3 gives NaN losses, Adam at lr 30 an exploding one: both stop with one
-    line, exit 3, and no checkpoint of that epoch (so no non-finite best.pt)."""
+    """Epoch 1 trains normally and writes its checkpoints; from epoch 2 on the LR is ``boost``
+    times larger (SGD at 1e3 gives NaN losses, Adam at 30 an exploding one): both stop with one
+    line, exit 3, and leave epoch 1's best.pt and ckpt.pt, finite, as the last checkpoints."""
+    import qatlab.train.loop as loop
+
+    schedule = loop.lr_factor
+
+    def boosted(cfg, step, steps_per_epoch, total_steps):
+        factor = schedule(cfg, step, steps_per_epoch, total_steps)
+        return factor if step < steps_per_epoch else factor * boost
+
+    monkeypatch.setattr(loop, "lr_factor", boosted)
     args = train_args(tmp_path, "d", small_data, "--epochs", "3", "--lr", lr)
     args += ["--set", f"train.optimizer={optimizer}", "--set", "train.divergence_factor=20"]
     assert main(args) == 3
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith("qatlab: error: training diverged")
-    assert what in lines[0]
-    for name in ("best.pt", "ckpt.pt"):
-        path = tmp_path / "d" / name
-        if path.exists():
-            state = torch.load(path, weights_only=True)["model"]
-            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert what in lines[0] and "epoch 2" in lines[0], lines[0]
+    for name in ("best.pt", "ckpt.pt"):  # both written after epoch 1, neither after
+        ckpt = torch.load(tmp_path / "d" / name, weights_only=True)
+        assert ckpt["epoch"] == 1, name
+        state = ckpt["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 # ----------------------------------------------------------------------------- 5: the API

@@ -4,6 +4,7 @@ effect, exact restoration, BN statistics once per step, state round trip, regist
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from qatlab import models
 from qatlab.errors import ConfigError
 from qatlab.methods import build_hooks, check_options
 from qatlab.methods.saq import SAQ
+from qatlab.methods.saq import _saq as saq_builder
 from qatlab.quant.layers import QuantLayer, quant_layers
 
 SHAPE = (1, 40)
@@ -226,7 +228,6 @@ def test_restoration_is_exact_after_an_exception_in_the_second_pass(case):
 @pytest.mark.parametrize("bn_update,every,expected", [(False, 1, 1), (True, 1, 2), (False, 2, 1)])
 def test_bn_running_stats_change_once_per_step(bn_update, every, expected):
     model = _model()
-    reference = copy.deepcopy(model)
     opt = SAQ(_sgd(model), model, rho=0.3, bn_update=bn_update, every=every)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
     for i, (x, y) in enumerate(_batches(3)):
@@ -242,7 +243,6 @@ def test_bn_running_stats_change_once_per_step(bn_update, every, expected):
             for a, b in zip(bns, ref_bns, strict=True):
                 assert torch.equal(a.running_mean, b.running_mean)
                 assert torch.equal(a.running_var, b.running_var)
-    del reference
 
 
 # ----------------------------------------------------------------------------- efficient variant
@@ -326,7 +326,11 @@ def test_cli_trains_with_saq(tiny_data_config, tmp_path, capsys):
         "--set",
         "method.every=2",
         "--epochs",
-        "1",
+        "4",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "64",
         "--out-dir",
         str(tmp_path),
         "--name",
@@ -338,13 +342,14 @@ def test_cli_trains_with_saq(tiny_data_config, tmp_path, capsys):
     import json
 
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert summary["config"]["method"] == {
-        "name": "saq",
-        **{k: v for k, v in summary["config"]["method"].items() if k != "name"},
-    }
-    assert summary["config"]["method"]["rho"] == 0.1
-    assert summary["config"]["method"]["every"] == 2
-    assert summary["test_acc"] > 0.1
+    # every option of the builder's signature with its default, but the three given
+    params = list(inspect.signature(saq_builder).parameters.values())[3:]
+    expected = {"name": "saq", **{p.name: p.default for p in params}}
+    expected.update(rho=0.1, case=3, every=2)
+    assert summary["config"]["method"] == expected
+    # it learned: 4 epochs reach 0.26 (seed 0) and 0.30 (seed 1) where chance is 0.10 (a
+    # bound 4.7 standard errors of chance above it on the 300 test samples, 0.08 below seed 0)
+    assert summary["test_acc"] > 0.18
 
 
 def test_kill_and_resume_in_the_trainer_is_exact_mid_cycle(tiny_data_config, tmp_path):

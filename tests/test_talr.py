@@ -295,10 +295,12 @@ def test_weight_steps_frozen_activation_steps_train(optimizer):
     end = steps_of(model)
     frozen_keys = {k for k in start if ".weight_quantizer." in k and k.rsplit(".", 2)[0] in frozen}
     assert frozen_keys == {f"{n}.weight_quantizer.step" for n in frozen} and frozen_keys
+    assert frozen_keys == {"2.weight_quantizer.step"}  # the middle linear, the only free one
     for key in frozen_keys:
         assert torch.equal(start[key], end[key]), key  # frozen under TALR
     pinned = [k for k in start if ".weight_quantizer." in k and k not in frozen_keys]
-    assert pinned and all(model.get_parameter(k).requires_grad for k in pinned)
+    assert pinned == ["0.weight_quantizer.step", "4.weight_quantizer.step"]  # 8-bit first, last
+    assert all(model.get_parameter(k).requires_grad for k in pinned)
     act = [k for k in start if ".input_quantizer." in k]
     assert any(not torch.equal(start[k], end[k]) for k in act)  # activation steps learn
     assert hook.optimizer.t == 20

@@ -1,7 +1,7 @@
 """``python -m qatlab.compare STUDY``: the studies that are still modules of their own (saq,
-talr: each needs analyses that the grid report does not have yet); any other name is
-``qatlab compare NAME ...`` (a grid file or a preset such as ``oscreg``, ``oscillations``,
-``demo``, ``full``)."""
+talr: each needs analyses that the grid report does not have yet). A grid file or a preset
+(``oscreg``, ``oscillations``, ``demo``, ``full``) runs with ``qatlab compare NAME``: this
+module does not call the CLI, which sits above :mod:`qatlab.compare` in the layers."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ STUDIES = ("saq", "talr")
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in STUDIES:
-        from qatlab.cli import main as cli
-
-        sys.exit(cli(["compare", *argv]))
+    if argv and not argv[0].startswith("-") and argv[0] not in STUDIES:
+        sys.exit(
+            f"error: {argv[0]!r} is not a study module ({', '.join(STUDIES)}); "
+            f"run a grid or preset with: qatlab compare {argv[0]}"
+        )
     parser = argparse.ArgumentParser(prog="python -m qatlab.compare", description=__doc__)
     parser.add_argument("study", choices=STUDIES)
     parser.add_argument("--out", default="docs/results", help="where the report goes")

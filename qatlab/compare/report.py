@@ -9,12 +9,13 @@ import json
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qatlab.compare.measures import column_for, is_number
+from qatlab.compare.sections import EXTRA_SECTIONS, SECTIONS, register_section
 from qatlab.measure.registry import SECTIONS as MEASURE_SECTIONS
 from qatlab.measure.registry import column_rank
 
@@ -312,25 +313,6 @@ def _describe(method: str) -> str:
 
 
 # ----------------------------------------------------------------------------- sections
-SECTIONS: list[tuple[str, Callable[[Results], list]]] = []
-EXTRA_SECTIONS: dict[str, Callable[[Results], list]] = {}  # only where a grid asks for them
-
-
-def register_section(name: str, default: bool = True) -> Callable:
-    """Decorator: ``fn(results) -> blocks`` adds a report section. Default sections appear in
-    every report (in registration order); the others only in reports of grids that list them
-    under ``sections:`` (right after the header), e.g. a study's verdict on a paper's claims."""
-
-    def wrap(fn: Callable) -> Callable:
-        if default:
-            SECTIONS.append((name, fn))
-        else:
-            EXTRA_SECTIONS[name] = fn
-        return fn
-
-    return wrap
-
-
 @register_section("header")
 def _header(res: Results) -> list:
     meta, n = res.meta, len(res.cells)
@@ -793,6 +775,3 @@ def render_html(blocks: list, folder: Path, title: str) -> str:
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-
-
-from qatlab.compare import generalization_section, oscreg_section  # noqa: E402,F401 (opt-in)

@@ -137,17 +137,16 @@ def ball_sizes(rho: float = 0.3, seed: int = 0) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
-    import qatlab
     from qatlab import models
     from qatlab.methods.saq import SAQ
-    from qatlab.quant import quantized_weights
+    from qatlab.quant import QuantConfig, calibrate, quantize, quantized_weights
 
     out = []
     for name in ("cnn1d", "mlp5"):
         torch.manual_seed(seed)
-        model = qatlab.quantize(models.create(name, 10, (1, 40)), qatlab.QuantConfig())
+        model = quantize(models.create(name, 10, (1, 40)), QuantConfig())
         x, y = torch.randn(128, 1, 40), torch.randint(0, 10, (128,))
-        qatlab.calibrate(model, [x])
+        calibrate(model, [x])
         model.train()
         qw = quantized_weights(model)
         for ball in ("raw", "std"):

@@ -237,7 +237,7 @@ def _check_sections(names: Any) -> None:
     """``sections``: extra report sections (registered with ``default=False``) by name."""
     if names is None:
         return
-    from qatlab.compare.report import EXTRA_SECTIONS
+    from qatlab.compare.sections import EXTRA_SECTIONS
 
     if not isinstance(names, list):
         raise ConfigError(f"sections must be a list of report section names, got {names!r}")

@@ -9,12 +9,14 @@ re-estimation), and keep their state in buffers of an ``nn.Module`` so it travel
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from qatlab.methods import register_method
+from qatlab.errors import ConfigError
 from qatlab.methods.base import Hook
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import QuantLayer, quant_layers
 from qatlab.quant.quantizer import Quantizer
 from qatlab.quant.transitions import TransitionCounter, counted_layers
@@ -360,6 +362,8 @@ def _log_every(log_every: int, total_steps: int) -> int:
     """``log_every`` in steps; 0 picks about :data:`LOG_POINTS` points over the run, enough to
     draw a curve of a short run (a fixed 50 gave 3 points in the demo's 198 steps)."""
     return log_every if log_every > 0 else max(1, total_steps // LOG_POINTS)
+
+
 @register_method("track", needs_quant=True)
 def _track(
     model, quant, total_steps, momentum: float = 0.001, threshold: float = 0.01, log_every: int = 0
@@ -369,7 +373,15 @@ def _track(
     return [OscillationTracker(model, momentum, threshold, log_every=log_every)]
 
 
-@register_method("dampen", aliases={"lambda": "lambda_max"}, needs_quant=True)
+def _check_dampen(aggregation: str, **_: Any) -> None:
+    """A one-line ConfigError for an aggregation ``dampen`` does not offer."""
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(
+            f"method.aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}"
+        )
+
+
+@register_method("dampen", aliases={"lambda": "lambda_max"}, needs_quant=True, check=_check_dampen)
 def _dampen(
     model,
     quant,

@@ -28,15 +28,18 @@ and ``lambda`` keeps the scale of ``mean`` for a model of equal-sized layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from qatlab.errors import ConfigError
 from qatlab.measure.crossbit import ptq_accuracy
-from qatlab.methods import register_method
 from qatlab.methods.base import Hook
 from qatlab.methods.oscillation import bin_distance
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import QuantLayer
-from qatlab.quant.quantizer import Quantizer
+from qatlab.quant.quantizer import GRIDS, Quantizer
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 REG_AGGREGATIONS = ("mean", "uniform")
@@ -197,7 +200,19 @@ class PTQAccuracy(Hook):
         return {f"ptq{self.bits}_acc": acc}
 
 
-@register_method("oscreg", aliases={"lambda": "lam", "lambda_": "lam"}, needs_quant=False)
+def _check(aggregation: str, grid: str, **_: Any) -> None:
+    """One-line ConfigErrors for impossible options of ``oscreg`` (the registry runs it)."""
+    if aggregation not in REG_AGGREGATIONS:
+        raise ConfigError(
+            f"method.aggregation must be one of {', '.join(REG_AGGREGATIONS)}, got {aggregation!r}"
+        )
+    if grid not in (*GRIDS, "lsq"):
+        raise ConfigError(f"method.grid must be one of {', '.join(GRIDS)}, lsq; got {grid!r}")
+
+
+@register_method(
+    "oscreg", aliases={"lambda": "lam", "lambda_": "lam"}, needs_quant=False, check=_check
+)
 def _oscreg(
     model,
     quant,
@@ -215,10 +230,6 @@ def _oscreg(
     aggregation: mean (per layer, the authors') or uniform (every weight pulled equally).
     stats_every: log per-layer regularizer statistics every that many steps (0: never).
     """
-    if aggregation not in REG_AGGREGATIONS:
-        from qatlab.errors import ConfigError
-
-        raise ConfigError(f"method.aggregation must be one of {', '.join(REG_AGGREGATIONS)}")
     reg = OscillationRegularizer(
         model,
         target_bits,

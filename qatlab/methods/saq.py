@@ -103,8 +103,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
-from qatlab.methods import register_method
 from qatlab.methods.base import Hook, OptimizerWrapper, frozen_bn_stats, grad_norm
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import quant_layers
 from qatlab.quant.weights import KeptWeights, keep_quantized_weights, perturbed_weights, release
 
@@ -433,8 +433,8 @@ def _extras(
     return extras, biases, steps
 
 
-def check(rho: float, case: int, every: int, eta: float, ball: str = "raw") -> None:
-    """One-line ConfigErrors for impossible options."""
+def check(rho: float, case: int, every: int, eta: float, ball: str = "raw", **_: Any) -> None:
+    """One-line ConfigErrors for impossible options (the registry's check of ``saq``, too)."""
     if ball not in BALLS:
         raise ConfigError(
             f"method.ball must be one of {', '.join(BALLS)} (std = rho in units of each "
@@ -475,7 +475,7 @@ class SAQHook(Hook):
         return self.optimizer
 
 
-@register_method("saq", needs_quant=True)
+@register_method("saq", needs_quant=True, check=check)
 def _saq(
     model: nn.Module,
     quant: Any,

@@ -117,8 +117,8 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
-from qatlab.methods import register_method
 from qatlab.methods.base import Hook, OptimizerWrapper
+from qatlab.methods.registry import register_method
 from qatlab.quant.layers import quant_layers
 from qatlab.quant.transitions import TransitionCounter
 
@@ -514,7 +514,47 @@ class TALRHook(nn.Module, Hook):
 
 
 # ----------------------------------------------------------------------------- registry
-@register_method("talr", aliases={"lambda": "lam"}, needs_quant=True)
+def _milestones(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(m) for m in text.split(",") if m.strip())
+    except ValueError:
+        raise ConfigError(f"method.milestones must be like '0.5,0.75', got {text!r}") from None
+
+
+def _check(
+    lam: float,
+    controller: str,
+    momentum: float,
+    schedule: str,
+    eta: float,
+    u0: float,
+    max_change: float,
+    u_max: float,
+    milestones: str,
+    gamma: float,
+    **_: Any,
+) -> None:
+    """One-line ConfigErrors for impossible options of ``talr`` (the registry runs it)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(
+            f"method.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
+        )
+    if controller not in CONTROLLERS:
+        raise ConfigError(
+            f"method.controller must be one of {', '.join(CONTROLLERS)}, got {controller!r}"
+        )
+    for name, value in (("lam", lam), ("eta", eta), ("u0", u0), ("gamma", gamma),
+                        ("u_max", u_max)):  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"method.{name} must be >= 0, got {value}")
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"method.momentum must be in [0, 1) (0: the default), got {momentum}")
+    if max_change <= 1.0:
+        raise ConfigError(f"method.max_change must be > 1, got {max_change}")
+    _milestones(milestones)
+
+
+@register_method("talr", aliases={"lambda": "lam"}, needs_quant=True, check=_check)
 def _talr(
     model,
     quant,
@@ -534,28 +574,7 @@ def _talr(
     log_every: int = 50,
 ) -> list[Hook]:
     """QAT with a scheduled transition rate: TALR sets the latent weights' LR (Lee et al.)."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(
-            f"method.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
-        )
-    if controller not in CONTROLLERS:
-        raise ConfigError(
-            f"method.controller must be one of {', '.join(CONTROLLERS)}, got {controller!r}"
-        )
-    for name, value in (("lam", lam), ("eta", eta), ("u0", u0), ("gamma", gamma),
-                        ("u_max", u_max)):  # fmt: skip
-        if value < 0:
-            raise ConfigError(f"method.{name} must be >= 0, got {value}")
-    if not 0.0 <= momentum < 1.0:
-        raise ConfigError(f"method.momentum must be in [0, 1) (0: the default), got {momentum}")
-    if max_change <= 1.0:
-        raise ConfigError(f"method.max_change must be > 1, got {max_change}")
-    try:
-        marks = tuple(float(m) for m in milestones.split(",") if m.strip())
-    except ValueError:
-        raise ConfigError(
-            f"method.milestones must be like '0.5,0.75', got {milestones!r}"
-        ) from None
+    marks = _milestones(milestones)
     return [
         TALRHook(
             model,

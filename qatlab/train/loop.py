@@ -64,7 +64,6 @@ RESUMABLE = (
 # steps between divergence checks (each a host sync, and a collective under torchrun) when
 # train.log_every is 0; otherwise the check runs at every logging step
 CHECK_EVERY = 50
-RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")
 INIT_FILE = "init.pt"  # the model's state dict at step 0 (qatlab.measure's 'init' bounds)
 
 
@@ -629,16 +628,6 @@ def count_steps(data, cfg: TrainConfig, world_size: int | None = None) -> int:
             f"({len(data.train)} samples over {world_size} process(es)); lower --batch-size"
         )
     return steps
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """A fresh run never writes into a folder that already holds one."""
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing:
-        raise ConfigError(
-            f"{run_dir} already holds a run ({existing[0]}); pass --resume to continue it, "
-            "or choose another --name / --out-dir"
-        )
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no flock; the checks still run
     fcntl = None  # type: ignore[assignment]
 
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "summary.json")  # what makes a folder a run
 _local = threading.local()  # run folders this thread holds (fit() inside run() reuses the claim)
 
 
@@ -36,6 +37,16 @@ def _held() -> set[str]:
     if not hasattr(_local, "held"):
         _local.held = set()
     return _local.held
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A fresh run never writes into a folder that already holds one."""
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({existing[0]}); pass --resume to continue it, "
+            "or choose another --name / --out-dir"
+        )
 
 
 def resume_point(run_dir: Path) -> bool:
@@ -88,8 +99,6 @@ def claim_run_dir(run_dir: str | Path, *, resume: bool = False) -> Iterator[bool
     ``resume=True`` finds nothing to resume (:func:`resume_point`). A nested claim of a folder
     this thread already holds (``fit`` inside ``run``) just yields.
     """
-    from qatlab.train.loop import check_run_dir
-
     run_dir = Path(run_dir)
     key = os.path.abspath(run_dir)
     held = _held()
