@@ -437,6 +437,26 @@ def _oscillation(res: Results) -> list:
     return blocks
 
 
+@register_section("logged_plots")
+def _logged_plots(res: Results) -> list:
+    """The grid's ``plots``: each logged series over training steps, one line per arm (mean
+    over seeds)."""
+    from qatlab.compare.spec import check_plots
+
+    blocks: list = []
+    for plot in check_plots(res.meta["grid"].get("plots")):
+        key = plot["key"]
+        name = "logged_" + re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".png"
+        ylabel = plot.get("ylabel") or key
+        scale = float(plot.get("scale", 1.0))
+        if _plot_logged(res, key, name, ylabel, scale=scale, by_arm=True):
+            if not blocks:
+                blocks.append(("h2", "Logged series"))
+            title = plot.get("title") or f"{key} over training, mean over seeds, per arm"
+            blocks.append(("img", name, title))
+    return blocks
+
+
 # sections the report renders itself; every other section of a measure's columns gets a table
 OWN_SECTIONS = ("accuracy", "crossbit", "oscillation")
 
@@ -563,14 +583,23 @@ def _plot_curves(res: Results) -> None:
     plt.close(fig)
 
 
-def _plot_logged(res: Results, metric: str, name: str, ylabel: str) -> bool:
-    """A step-logged statistic over training, mean over seeds: one panel per setting (the
-    labels other than the method, e.g. the bit width), one line per method with its own colour,
-    line style and marker (identical curves stay visible), one legend beside the panels."""
+def _plot_logged(
+    res: Results,
+    metric: str,
+    name: str,
+    ylabel: str,
+    *,
+    scale: float = 100.0,
+    by_arm: bool = False,
+) -> bool:
+    """A step-logged statistic over training (times ``scale``), mean over seeds: one panel per
+    setting (the labels other than the method, e.g. the bit width), one line per method with
+    its own colour, line style and marker (identical curves stay visible), one legend beside
+    the panels. ``by_arm``: one panel, one line per arm (the rows' ``arm``)."""
     from qatlab.train.plots import _save
 
     keys = res.group_keys()
-    split = keys.index("method") if "method" in keys else None
+    split = keys.index("method") if "method" in keys and not by_arm else None
     panels: dict[tuple, list[tuple[str, list[int], list[float]]]] = {}
     for key, members in _groups(res):
         curves = [
@@ -580,8 +609,10 @@ def _plot_logged(res: Results, metric: str, name: str, ylabel: str) -> bool:
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
-        ys = [sum(c[s] for c in curves) / len(curves) * 100 for s in steps]
-        if split is None:
+        ys = [sum(c[s] for c in curves) / len(curves) * scale for s in steps]
+        if by_arm:
+            panel, label = (), str(members[0].get("arm") or " ".join(map(str, key)))
+        elif split is None:
             panel, label = (), " ".join(map(str, key))
         else:
             panel, label = key[:split] + key[split + 1 :], str(key[split])
