@@ -258,7 +258,8 @@ def test_flips_monitor_logs_and_logged_reductions_and_plot(tmp_path, tiny_data_c
     build_report(out)
     assert (out / "logged_tr.png").is_file()
     report = (out / "report.md").read_text()
-    assert "## Logged series" in report and "tr (logged)" not in report.split("## Logged")[1]
+    assert "## Logged series\n" in report and "## Logged series: reductions" in report
+    assert "tr_tail50 (logged)" in report and "flip_share_epoch" not in report.split("## Logged")[1]
 
 
 @pytest.mark.parametrize(
@@ -325,3 +326,23 @@ def test_growing_a_finished_grid_runs_only_what_is_new(tmp_path, tiny_data_confi
     for name, stamp in first.items():
         assert (out / "cells" / name / "best.pt").stat().st_mtime_ns == stamp
     assert sum(e["event"] == "start" for e in _events(out)) == 10
+
+
+def test_talr_preset_selects_lambda_on_its_own_seeds():
+    from qatlab.compare.spec import load_grid
+
+    grid = load_grid("talr")
+    by_stage: dict[str, list] = {}
+    for cell in grid.cells:
+        by_stage.setdefault(cell.stage, []).append(cell)
+    assert {c.seed for c in by_stage["tune"]} == {100, 101}
+    assert {c.seed for c in by_stage["talr"]} == {0, 1, 2}
+    assert grid.selections["tune"]["axis"] == "method.lam"
+    for cell in by_stage["talr"]:  # one tuned lambda per model, bits and optimizer
+        assert cell.pending and set(cell.uses["method.lam"]["arm"]) == {
+            "model",
+            "bits",
+            "optimizer",
+        }
+        assert cell.depends_on == f"float-{cell.labels['model']}-s{cell.seed}"
+    assert all(c.config["train"]["monitors"][0]["name"] == "flips" for c in by_stage["paper"])

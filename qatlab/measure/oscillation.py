@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from qatlab.measure.registry import Column, MeasureContext, register_column, register_measure
+from qatlab.measure.registry import (
+    Column,
+    MeasureContext,
+    Section,
+    register_column,
+    register_measure,
+)
 
 
 @register_measure(
@@ -76,11 +82,13 @@ def series(records: list[dict[str, Any]], key: str, kind: str = "auto") -> list[
     """``(step, value)`` of ``key`` in ``metrics.jsonl`` records, in file order: its step
     records (``kind="step"``), its epoch records (``"epoch"``), or the step records if any hold
     ``key`` and else the epoch records (``"auto"``)."""
+
     def pick(epoch: bool) -> list[tuple[int, float]]:
         return [
             (int(r.get("step", r.get("epoch", 0)) or 0), float(r[key]))
             for r in records
-            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+            if isinstance(r.get(key), (int, float))
+            and not isinstance(r.get(key), bool)
             and _is_epoch_record(r) == epoch
         ]
 
@@ -122,6 +130,12 @@ def _logged_label(rest: str) -> str:
 @register_measure(
     "logged",
     columns=[Column("logged_", "{}", 1.0, 4, None, "logged", label=_logged_label)],
+    section=Section(
+        "logged",
+        "Logged series: reductions",
+        "Numbers logged during training (metrics.jsonl) reduced to one per run: last, max, "
+        "mean, tail<k> = mean over the last k% of the logged values; mean ± std over seeds.",
+    ),
 )
 def logged(
     ctx: MeasureContext,
