@@ -152,6 +152,10 @@ def test_selection_stage_runs_first_and_final_seeds_use_its_choice(tmp_path, tin
     assert cfg["train"]["lr"] == float(best) and cfg["train"]["seed"] == 0
     starts = [e["cell"] for e in _events(out) if e["event"] == "start"]
     assert starts[-1] == "final-float-s0" and len(starts) == 5
+    build_report(out)
+    report = (out / "report.md").read_text()
+    row = f"| float | {best} | {means['1e-05'] * 100:.2f} | {means['0.003'] * 100:.2f} |"
+    assert "## Selections" in report and row in report
     # rerun: nothing trains, the selection is made again from the stored rows
     assert _run(grid, out)["ran"] == 0
     cells = json.loads((out / "cells.json").read_text())

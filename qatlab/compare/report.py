@@ -457,6 +457,45 @@ def _logged_plots(res: Results) -> list:
     return blocks
 
 
+@register_section("selections")
+def _selections(res: Results) -> list:
+    """What each selecting stage chose per arm, from the validation means over its seeds."""
+    try:
+        chosen = json.loads((res.out / "cells.json").read_text()).get("selections") or {}
+    except (OSError, ValueError):
+        return []
+    blocks: list = []
+    for stage, spec in chosen.items():
+        picks = spec.get("chosen") or {}
+        if not picks:
+            continue
+        if not blocks:
+            blocks.append(("h2", "Selections"))
+        users = sorted({c["stage"] for c in res.cells if any(
+            u.get("stage") == stage for u in (c.get("uses") or {}).values())})  # fmt: skip
+        blocks.append(
+            (
+                "p",
+                f"Stage {stage} chose {spec['axis']} per arm by the mean {spec['metric']} "
+                f"({spec['mode']}) over its seeds; used by {', '.join(users) or 'no stage'}. "
+                "Validation numbers only: the chosen cells' test numbers come from other seeds "
+                "when the using stage has its own.",
+            )
+        )
+        values = list(dict.fromkeys(v for p in picks.values() for v in p["means"]))
+        scale = 100.0 if spec["metric"].endswith("acc") else 1.0
+        table = Table(["arm", "chosen", *(f"{spec['metric']} @ {v}" for v in values)], [])
+        for arm, pick in picks.items():
+            labels = json.loads(arm)
+            name = " ".join(str(v) for v in labels.values()) or "all"
+            means = [pick["means"].get(v) for v in values]
+            table.rows.append(
+                [name, pick["label"], *(fmt(m, scale, 2) if m is not None else "–" for m in means)]
+            )
+        blocks.append(("table", table))
+    return blocks
+
+
 # sections the report renders itself; every other section of a measure's columns gets a table
 OWN_SECTIONS = ("accuracy", "crossbit", "oscillation")
 
