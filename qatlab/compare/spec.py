@@ -512,8 +512,7 @@ def _uses(use: Any, stage: str, selections: dict, axes: dict) -> dict[str, str]:
             )
         if selections[source]["axis"] != key:
             raise ConfigError(
-                f"stage {stage!r}: stage {source!r} selects {selections[source]['axis']}, "
-                f"not {key}"
+                f"stage {stage!r}: stage {source!r} selects {selections[source]['axis']}, not {key}"
             )
         if key in axes:
             raise ConfigError(f"stage {stage!r}: {key} is both an axis and used from {source!r}")
