@@ -350,3 +350,22 @@ def test_talr_preset_selects_lambda_on_its_own_seeds():
         }
         assert cell.depends_on == f"float-{cell.labels['model']}-s{cell.seed}"
     assert all(c.config["train"]["monitors"][0]["name"] == "flips" for c in by_stage["paper"])
+
+
+def test_a_cell_finished_before_cell_keys_is_adopted_not_retrained(tmp_path, tiny_data_config):
+    old = {"measure": "logged", "key": "val_acc", "reduce": "max"}
+    doc = _doc(tiny_data_config, follow_ups=[old])
+    out = tmp_path / "cmp"
+    _run(expand(doc), out)
+    folder = out / "cells" / "s0"
+    for name in ("cell.json", "followups.json"):  # what a folder of an older qatlab lacks
+        (folder / name).unlink()
+    stamp = (folder / "best.pt").stat().st_mtime_ns
+    before = json.loads((folder / "result.json").read_text())
+    doc["follow_ups"] = [old, {"measure": "accuracy"}]
+    assert _run(expand(doc), out)["ran"] == 1
+    assert [e["train"] for e in _events(out) if e["event"] == "start"] == [True, False]
+    row = json.loads((folder / "result.json").read_text())
+    assert row["logged_val_acc_max"] == before["logged_val_acc_max"] and "val_loss" in row
+    assert (folder / "best.pt").stat().st_mtime_ns == stamp
+    assert json.loads((folder / "cell.json").read_text())["key"]  # identified from now on

@@ -131,10 +131,13 @@ def _train_and_measure(cell: Cell, cells_dir: str, device: str | None = None) ->
     row.update(logged_stats(read_jsonl(cfg.run_dir / "metrics.jsonl")))
     ctx = CellContext(cfg, summary, results=row)  # a follow-up sees the row so far
     done = _read(cfg.run_dir / FOLLOW_FILE) if (cfg.run_dir / FOLLOW_FILE).is_file() else {}
+    if any(v is None for v in done.values()):  # adopted: those numbers are in its old row
+        old = _read(cfg.run_dir / "result.json")
+        ctx.results.update({k: v for k, v in old.items() if k not in row})
     for follow_up in cell.follow_ups:
         key = follow_key(follow_up)
         if key in done:  # measured before (the cell grew a follow-up since)
-            ctx.results.update(done[key])
+            ctx.results.update(done[key] or {})
             continue
         done[key] = run_follow_up(ctx, follow_up)
         write_json(cfg.run_dir / FOLLOW_FILE, done)  # a killed cell keeps what it measured
@@ -176,19 +179,20 @@ def follow_key(spec: dict[str, Any]) -> str:
 
 
 def measured(run_dir: Path, cell: Cell) -> bool:
-    """Whether every follow-up of ``cell`` has its numbers in ``run_dir`` (a folder finished
-    before follow-ups were recorded one by one counts as measured)."""
+    """Whether every follow-up of ``cell`` has its numbers in ``run_dir``."""
     path = run_dir / FOLLOW_FILE
     if not path.is_file():
-        return not cell.follow_ups or not (run_dir / CELL_FILE).is_file()
+        return not cell.follow_ups
     done = _read(path)
     return all(follow_key(f) in done for f in cell.follow_ups)
 
 
-def settle(out: Path, cell: Cell, key: str) -> str:
+def settle(out: Path, cell: Cell, key: str, before: list | None = None) -> str:
     """The status of ``cell`` in ``out`` given its key: ``done``, ``failed``, ``partial``,
     ``measure`` (trained; a follow-up is new) or ``new``. A folder holding another config is
-    moved to ``replaced/`` (and a replaced folder of this config moved back)."""
+    moved to ``replaced/`` (and a replaced folder of this config moved back). ``before``: the
+    follow-ups the folder's previous ``cells.json`` gave this cell (for a folder of an older
+    qatlab, which recorded no keys)."""
     folder = out / "cells" / cell.name
     if folder.exists():
         meta = _read(folder / CELL_FILE) if (folder / CELL_FILE).is_file() else {}
@@ -206,9 +210,20 @@ def settle(out: Path, cell: Cell, key: str) -> str:
         if kept.is_dir():
             os.replace(kept, folder)
     status = cell_status(out, cell.name)
+    if status == "done" and not (folder / CELL_FILE).is_file():
+        _adopt(folder, cell, key, cell.follow_ups if before is None else before)
     if status == "done" and not measured(folder, cell):
         return "measure"
     return status
+
+
+def _adopt(folder: Path, cell: Cell, key: str, follow_ups: list) -> None:
+    """A cell finished before cells had keys: take it as this config's, and ``follow_ups``
+    (what it was measured with) as measured: their numbers stay in its ``result.json``
+    (``None`` in ``followups.json``)."""
+    if not (folder / FOLLOW_FILE).is_file():
+        write_json(folder / FOLLOW_FILE, {follow_key(f): None for f in follow_ups})
+    write_json(folder / CELL_FILE, {"cell": cell.name, "key": key, "adopted": True})
 
 
 def _claim(out: Path, cell: Cell, key: str) -> None:
@@ -481,6 +496,7 @@ def run_grid(
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
+    before = _previous_follow_ups(out)
     prepare_folder(out, grid, source)
     cells_dir = out / "cells"
     cells_dir.mkdir(exist_ok=True)
@@ -517,7 +533,7 @@ def run_grid(
                     ready.append(cell)
                 if not ready:
                     break
-                todo = _settle_all(out, ready, by_name, status, retry_failed, prog)
+                todo = _settle_all(out, ready, by_name, status, retry_failed, prog, before)
                 if todo:
                     state["ran"] += _run_cells(todo, out, status, runner(), prog, workers)
             write_cells(out, grid, chosen)
@@ -532,14 +548,23 @@ def run_grid(
         }
 
 
-def _settle_all(out, cells, by_name, status, retry_failed, prog) -> list[Cell]:
+def _previous_follow_ups(out: Path) -> dict[str, list]:
+    """Each cell's follow-ups as the folder's ``cells.json`` (its last run) lists them."""
+    try:
+        doc = json.loads((out / "cells.json").read_text())
+        return {c["name"]: c.get("follow_ups") or [] for c in doc["cells"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _settle_all(out, cells, by_name, status, retry_failed, prog, before=None) -> list[Cell]:
     """Statuses of ``cells`` (now resolvable); the ones to run, first seed first."""
     cells_dir = out / "cells"
     todo = []
     n_done = n_failed = 0
     for cell in cells:
         key = cell_key(cell, by_name)
-        st = settle(out, cell, key)
+        st = settle(out, cell, key, (before or {}).get(cell.name))
         if st == "failed" and retry_failed:
             (cells_dir / cell.name / "failed.json").unlink()
             st = "partial"
