@@ -37,7 +37,9 @@ More keys (issue 21)::
         seeds: [0, 1, 2]
         axes: {method.name: [qat, saq]}
         use: {train.lr: tune}              # the value tune selected for the matching arm
-        follow_ups: [{measure: accuracy, checkpoint: both}]   # best and final_ weights
+        follow_ups:
+          - {measure: accuracy, checkpoint: both}   # best and final_ (last epoch) weights
+          - {measure: logged, key: [tr, flip_share_epoch], reduce: [last, max, tail], tail: 0.1}
 
 ``select``: per arm of the stage (its labels without the selected axis) the value of ``axis``
 whose mean over the stage's seeds of ``metric`` is best (``mode`` max or min; default min for
@@ -46,7 +48,9 @@ a loss, else max). Only validation (``val_*``) metrics may select: test numbers 
 labels agree with the cell's on the columns both have (exactly one arm must match); such a
 stage is expanded (with every candidate value, for the checks) now but runs after STAGE
 finished. Every cell has an ``arm``: its stage's ``label`` (or name) and its axis labels, one
-string; the rows carry it (and ``selected_<column>`` for a used selection).
+string; the rows carry it (and ``selected_<column>`` for a used selection). A comparison
+folder grows with its grid (more seeds, values, stages, follow-ups): see
+:mod:`qatlab.compare.engine`.
 """
 
 from __future__ import annotations
