@@ -237,7 +237,8 @@ def test_foreign_or_other_grid_folder_is_refused(tmp_path, tiny_data_config, cap
     prepare_folder(out, load_grid(grid, ["seeds=[0]"]), str(grid))
     assert (out / "comparison.json").is_file()
     prepare_folder(out, load_grid(grid, ["seeds=[0]"]), str(grid))  # the same grid: fine
-    assert main(["compare", str(grid), "--out", str(out), "--set", "seeds=[1]"]) == 2
+    prepare_folder(out, load_grid(grid, ["seeds=[0,1]"]), str(grid))  # grown: fine
+    assert main(["compare", str(grid), "--out", str(out), "--set", "name=other"]) == 2
     assert "holds another comparison" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["cells.json", "comparison.json"]
 

@@ -430,7 +430,7 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
 
 def contrast_blocks(res: Any) -> list:
     """The report section: a table per contrast (numbers also in ``contrasts.csv``/``.json``)."""
-    from qatlab.compare.report import Table
+    from qatlab.compare.sections import Table
     from qatlab.train.metrics import write_csv, write_json
 
     contrasts = parse_contrasts(res.meta["grid"].get("contrasts"), label_values(res.cells))

@@ -6,6 +6,15 @@ written by the driver only) and ``cells/<cell>/``: an ordinary run folder plus
 ``result.json`` (the cell's row: written last, atomically, so its presence means *finished*)
 or ``failed.json`` (the reason). A cell folder without either was interrupted: it is resumed
 from its ``ckpt.pt`` (or started again if it has none); a finished cell is never run again.
+
+A cell is identified by its own config (:func:`cell_key`: a hash of its run config, seed
+included, and of its dependency's key), recorded in ``cells/<cell>/cell.json``; its follow-ups
+by theirs (``followups.json`` keeps each one's numbers). So a grid may grow in its folder:
+rerun it with more seeds, axis values, stages or follow-ups and only new cells train, a new
+follow-up on a finished cell runs just that follow-up, and a cell whose config changed trains
+again (its old folder is moved to ``replaced/<cell>@<key>``, never deleted, and moved back if
+the config returns). Cells no longer in the grid stay in ``cells/``; the report ignores them.
+Stages that ``use`` a selection run once the selecting stage settled (``selections.json``).
 """
 
 from __future__ import annotations
@@ -22,11 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qatlab.compare.spec import Cell, Grid, bits_label
+from qatlab.compare.spec import Cell, Grid, bits_label, resolve, select_values
 from qatlab.errors import ConfigError, TrainingDiverged
 from qatlab.train.metrics import read_jsonl, write_json
 
 MARKER = "comparison.json"
+CELL_FILE = "cell.json"  # the key of the config a cell folder holds
+FOLLOW_FILE = "followups.json"  # follow-up key -> its numbers
+REPLACED = "replaced"  # folders of cells whose config changed
 KIND = "qatlab comparison"
 BACKENDS = ("local", "ray")
 
@@ -65,7 +77,7 @@ def run_cell(
     try:
         # a worker orphaned by a killed driver may still be finishing this cell: wait for it
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (run_dir / "result.json").is_file():
+        if (run_dir / "result.json").is_file() and measured(run_dir, cell):
             return {"status": "done", "cell": cell.name, "row": _read(run_dir / "result.json")}
         row = _train_and_measure(cell, cells_dir, device)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, the grid goes on
@@ -114,12 +126,110 @@ def _train_and_measure(cell: Cell, cells_dir: str, device: str | None = None) ->
         "best_epoch": summary["best_epoch"],
         "wall_time_s": summary["wall_time_s"],
     }
+    row = _with_arm(row, cell)
+    row.update({k: v for k, v in summary.items() if k.startswith("val_") and k not in row})
     row.update(logged_stats(read_jsonl(cfg.run_dir / "metrics.jsonl")))
     ctx = CellContext(cfg, summary, results=row)  # a follow-up sees the row so far
+    done = _read(cfg.run_dir / FOLLOW_FILE) if (cfg.run_dir / FOLLOW_FILE).is_file() else {}
+    if any(v is None for v in done.values()):  # adopted: those numbers are in its old row
+        old = _read(cfg.run_dir / "result.json")
+        ctx.results.update({k: v for k, v in old.items() if k not in row})
     for follow_up in cell.follow_ups:
-        row.update(run_follow_up(ctx, follow_up))
+        key = follow_key(follow_up)
+        if key in done:  # measured before (the cell grew a follow-up since)
+            ctx.results.update(done[key] or {})
+            continue
+        done[key] = run_follow_up(ctx, follow_up)
+        write_json(cfg.run_dir / FOLLOW_FILE, done)  # a killed cell keeps what it measured
     write_json(cfg.run_dir / "result.json", row)
     return row
+
+
+def _with_arm(row: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """``arm`` right after the label columns, then the values a selection gave the cell."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "bits_trained":
+            out["arm"] = cell.arm
+    out.setdefault("arm", cell.arm)
+    for key, value in cell.selected.items():
+        out[f"selected_{key.rsplit('.', 1)[-1]}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- identity
+def _hash(data: Any) -> str:
+    import hashlib
+
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cell_key(cell: Cell, by_name: dict[str, Cell]) -> str:
+    """What identifies a cell's training: its run config (seed included) and, when it starts
+    from another cell, that cell's key. Follow-ups are not part of it (:func:`follow_key`)."""
+    parent = by_name[cell.depends_on] if cell.depends_on else None
+    return _hash({"config": cell.config, "init": cell_key(parent, by_name) if parent else None})
+
+
+def follow_key(spec: dict[str, Any]) -> str:
+    """What identifies a follow-up: its entry without ``when`` (which only picks cells)."""
+    return _hash({k: v for k, v in spec.items() if k != "when"})
+
+
+def measured(run_dir: Path, cell: Cell) -> bool:
+    """Whether every follow-up of ``cell`` has its numbers in ``run_dir``."""
+    path = run_dir / FOLLOW_FILE
+    if not path.is_file():
+        return not cell.follow_ups
+    done = _read(path)
+    return all(follow_key(f) in done for f in cell.follow_ups)
+
+
+def settle(out: Path, cell: Cell, key: str, before: list | None = None) -> str:
+    """The status of ``cell`` in ``out`` given its key: ``done``, ``failed``, ``partial``,
+    ``measure`` (trained; a follow-up is new) or ``new``. A folder holding another config is
+    moved to ``replaced/`` (and a replaced folder of this config moved back). ``before``: the
+    follow-ups the folder's previous ``cells.json`` gave this cell (for a folder of an older
+    qatlab, which recorded no keys)."""
+    folder = out / "cells" / cell.name
+    if folder.exists():
+        meta = _read(folder / CELL_FILE) if (folder / CELL_FILE).is_file() else {}
+        old = meta.get("key")
+        if old is not None and old != key:
+            target = out / REPLACED / f"{cell.name}@{old}"
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)  # an older copy of the very same config and cell
+            os.replace(folder, target)
+    if not folder.exists():
+        kept = out / REPLACED / f"{cell.name}@{key}"
+        if kept.is_dir():
+            os.replace(kept, folder)
+    status = cell_status(out, cell.name)
+    if status == "done" and not (folder / CELL_FILE).is_file():
+        _adopt(folder, cell, key, cell.follow_ups if before is None else before)
+    if status == "done" and not measured(folder, cell):
+        return "measure"
+    return status
+
+
+def _adopt(folder: Path, cell: Cell, key: str, follow_ups: list) -> None:
+    """A cell finished before cells had keys: take it as this config's, and ``follow_ups``
+    (what it was measured with) as measured: their numbers stay in its ``result.json``
+    (``None`` in ``followups.json``)."""
+    if not (folder / FOLLOW_FILE).is_file():
+        write_json(folder / FOLLOW_FILE, {follow_key(f): None for f in follow_ups})
+    write_json(folder / CELL_FILE, {"cell": cell.name, "key": key, "adopted": True})
+
+
+def _claim(out: Path, cell: Cell, key: str) -> None:
+    folder = out / "cells" / cell.name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / CELL_FILE, {"cell": cell.name, "key": key})
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -133,10 +243,10 @@ def prepare_folder(out: Path, grid: Grid, source: str, *, create: bool = True) -
             meta = {}
         if meta.get("kind") != KIND:
             raise ConfigError(f"{out} has a {MARKER} that is not a qatlab comparison marker")
-        if meta.get("fingerprint") != grid.fingerprint:
+        if meta.get("grid_name") != grid.name:
             raise ConfigError(
-                f"{out} holds another comparison ({meta.get('grid_name')!r}, a different grid); "
-                "choose another --out (each folder holds one grid)"
+                f"{out} holds another comparison ({meta.get('grid_name')!r}, not "
+                f"{grid.name!r}); choose another --out (a folder grows one named grid)"
             )
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(
@@ -156,10 +266,18 @@ def prepare_folder(out: Path, grid: Grid, source: str, *, create: bool = True) -
             "grid": grid.source,
         },
     )
-    write_json(
-        out / "cells.json",
-        {"label_columns": grid.label_columns, "cells": [c.to_dict() for c in grid.cells]},
-    )
+    write_cells(out, grid)
+
+
+def write_cells(out: Path, grid: Grid, chosen: dict | None = None) -> None:
+    """``cells.json``: the grid's cells (the report's list; selections as made so far)."""
+    doc = {"label_columns": grid.label_columns, "cells": [c.to_dict() for c in grid.cells]}
+    if grid.selections:
+        doc["selections"] = {
+            stage: {**spec, "chosen": (chosen or {}).get(stage)}
+            for stage, spec in grid.selections.items()
+        }
+    write_json(out / "cells.json", doc)
 
 
 def cell_status(out: Path, name: str) -> str:
@@ -368,93 +486,175 @@ def run_grid(
     make_backend: Callable | None = None,
     device: str | None = None,
 ) -> dict[str, int]:
-    """Run every unfinished cell of ``grid`` into ``out`` (dependencies first); return the
-    counts ``{"done", "failed", "ran"}``. Finished cells are never run again; failed ones only
-    with ``retry_failed``. ``device`` (auto/cpu/cuda) overrides every cell's ``train.device``
+    """Run every unfinished cell of ``grid`` into ``out`` (dependencies first, stages that use
+    a selection after it is made); return the counts ``{"done", "failed", "ran"}``. Finished
+    cells are never run again (a new follow-up runs alone); failed ones only with
+    ``retry_failed``. ``device`` (auto/cpu/cuda) overrides every cell's ``train.device``
     (training and follow-ups) without changing the grid."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
+    before = _previous_follow_ups(out)
     prepare_folder(out, grid, source)
     cells_dir = out / "cells"
     cells_dir.mkdir(exist_ok=True)
+    by_name = {c.name: c for c in grid.cells}
     with _Lock(out / ".lock"):
-        status = {c.name: cell_status(out, c.name) for c in grid.cells}
-        if retry_failed:
-            for name, st in status.items():
-                if st == "failed":
-                    (cells_dir / name / "failed.json").unlink()
-                    status[name] = "partial"
-        todo = [c for c in grid.cells if status[c.name] in ("new", "partial")]
-        # the first seed of every setting first: a partial comparison already covers the grid
-        seeds = list(dict.fromkeys(c.seed for c in grid.cells))
-        todo.sort(key=lambda c: seeds.index(c.seed))
-        n_done = sum(s == "done" for s in status.values())
-        n_failed = sum(s == "failed" for s in status.values())
-        prog = Progress(len(grid.cells), n_done, n_failed, workers, progress)
-        if n_done or n_failed:
-            prog.event(f"{n_done} cells finished already, {n_failed} failed (kept)")
-        if not todo:
-            prog.close()
-            return {"done": n_done, "failed": n_failed, "ran": 0}
-        threads = threads or default_threads(workers)
-        extra = {} if device is None else {"device": device}
-        runner = (make_backend or _backend)(backend, workers, threads, address, **extra)
-        events = out / "events.jsonl"
-        running: dict[Any, tuple[Cell, float]] = {}
-        ran = 0
+        status: dict[str, str] = {}
+        chosen: dict[str, dict] = {}
+        prog = Progress(len(grid.cells), 0, 0, workers, progress)
+        state: dict[str, Any] = {"runner": None, "ran": 0}
+
+        def runner():
+            if state["runner"] is None:
+                n = threads or default_threads(workers)
+                extra = {} if device is None else {"device": device}
+                state["runner"] = (make_backend or _backend)(backend, workers, n, address, **extra)
+            return state["runner"]
+
         try:
-            while todo or running:
-                for cell in list(todo):  # cells whose dependency failed fail too
-                    if cell.depends_on and status[cell.depends_on] == "failed":
-                        reason = f"depends on failed cell {cell.depends_on}"
-                        write_json(
-                            cells_dir / cell.name / "failed.json",
-                            {"cell": cell.name, "reason": reason},
-                        )
-                        status[cell.name] = "failed"
-                        todo.remove(cell)
-                        prog.failed += 1
-                        prog.event(f"failed {cell.name}: {reason}")
-                ready = [c for c in todo if not c.depends_on or status[c.depends_on] == "done"]
-                for cell in ready[: max(0, workers - len(running))]:
-                    todo.remove(cell)
-                    _event(events, "start", cell.name)
-                    running[runner.submit(cell, str(cells_dir))] = (cell, time.perf_counter())
-                    prog.running += 1
-                if not running:
+            while True:
+                _select(grid, out, status, chosen)
+                ready = []
+                for cell in grid.cells:
+                    if cell.name in status:
+                        continue
+                    try:
+                        if not resolve(cell, chosen):
+                            continue
+                    except ConfigError as exc:  # the selecting stage chose nothing for it
+                        _fail(out, cell, str(exc), status, prog)
+                        continue
+                    parent = cell.depends_on
+                    if parent and parent not in status and parent not in {c.name for c in ready}:
+                        continue  # its parent waits for a selection
+                    ready.append(cell)
+                if not ready:
                     break
-                for handle, result in runner.wait(list(running), timeout=1.0):
-                    cell, start = running.pop(handle)
-                    prog.running -= 1
-                    ran += 1
-                    prog.durations.append(time.perf_counter() - start)
-                    if result["status"] == "done":
-                        status[cell.name] = "done"
-                        prog.done += 1
-                        _event(events, "done", cell.name)
-                        acc = result["row"]["test_acc"]
-                        prog.event(f"finished {cell.name} (test acc {acc:.4f})", finished=True)
-                    else:
-                        if not (cells_dir / cell.name / "failed.json").is_file():
-                            write_json(
-                                cells_dir / cell.name / "failed.json",
-                                {"cell": cell.name, "reason": result["reason"]},
-                            )
-                        status[cell.name] = "failed"
-                        prog.failed += 1
-                        _event(events, "failed", cell.name, result["reason"])
-                        prog.event(f"failed {cell.name}: {result['reason']}", finished=True)
+                todo = _settle_all(out, ready, by_name, status, retry_failed, prog, before)
+                if todo:
+                    state["ran"] += _run_cells(todo, out, status, runner(), prog, workers)
+            write_cells(out, grid, chosen)
         finally:
             prog.close()
-            runner.close()
+            if state["runner"] is not None:
+                state["runner"].close()
         return {
             "done": sum(s == "done" for s in status.values()),
             "failed": sum(s == "failed" for s in status.values()),
-            "ran": ran,
+            "ran": state["ran"],
         }
+
+
+def _previous_follow_ups(out: Path) -> dict[str, list]:
+    """Each cell's follow-ups as the folder's ``cells.json`` (its last run) lists them."""
+    try:
+        doc = json.loads((out / "cells.json").read_text())
+        return {c["name"]: c.get("follow_ups") or [] for c in doc["cells"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _settle_all(out, cells, by_name, status, retry_failed, prog, before=None) -> list[Cell]:
+    """Statuses of ``cells`` (now resolvable); the ones to run, first seed first."""
+    cells_dir = out / "cells"
+    todo = []
+    n_done = n_failed = 0
+    for cell in cells:
+        key = cell_key(cell, by_name)
+        st = settle(out, cell, key, (before or {}).get(cell.name))
+        if st == "failed" and retry_failed:
+            (cells_dir / cell.name / "failed.json").unlink()
+            st = "partial"
+        if st in ("new", "partial", "measure"):
+            _claim(out, cell, key)
+            todo.append(cell)
+        status[cell.name] = st
+        n_done += st == "done"
+        n_failed += st == "failed"
+    prog.done += n_done
+    prog.failed += n_failed
+    if n_done or n_failed:
+        prog.event(f"{n_done} cells finished already, {n_failed} failed (kept)")
+    # the first seed of every setting first: a partial comparison already covers the grid
+    seeds = list(dict.fromkeys(c.seed for c in cells))
+    todo.sort(key=lambda c: seeds.index(c.seed))
+    return todo
+
+
+def _select(grid: Grid, out: Path, status: dict, chosen: dict) -> None:
+    """Make the selection of every selecting stage whose cells all settled (done or failed),
+    from their validation numbers; written to ``selections.json``."""
+    changed = False
+    for stage, spec in grid.selections.items():
+        cells = [c for c in grid.cells if c.stage == stage]
+        if stage in chosen or any(status.get(c.name) not in ("done", "failed") for c in cells):
+            continue
+        rows = {}
+        for c in cells:
+            path = out / "cells" / c.name / "result.json"
+            if status[c.name] == "done" and path.is_file():
+                rows[c.name] = _read(path)
+        chosen[stage] = select_values(cells, rows, spec)
+        changed = True
+    if changed:
+        write_json(out / "selections.json", {s: chosen[s] for s in chosen})
+
+
+def _fail(out: Path, cell: Cell, reason: str, status: dict, prog: Progress) -> None:
+    write_json(out / "cells" / cell.name / "failed.json", {"cell": cell.name, "reason": reason})
+    status[cell.name] = "failed"
+    prog.failed += 1
+    prog.event(f"failed {cell.name}: {reason}")
+
+
+def _run_cells(
+    todo: list[Cell], out: Path, status: dict, runner: Any, prog: Progress, workers: int
+) -> int:
+    """Run ``todo`` on ``runner`` (a cell once its dependency is done; failed dependency:
+    failed); update ``status``; return how many ran."""
+    cells_dir = out / "cells"
+    events = out / "events.jsonl"
+    running: dict[Any, tuple[Cell, float]] = {}
+    ran = 0
+    todo = list(todo)
+    while todo or running:
+        for cell in list(todo):  # cells whose dependency failed fail too
+            if cell.depends_on and status[cell.depends_on] == "failed":
+                todo.remove(cell)
+                _fail(out, cell, f"depends on failed cell {cell.depends_on}", status, prog)
+        ready = [c for c in todo if not c.depends_on or status[c.depends_on] == "done"]
+        for cell in ready[: max(0, workers - len(running))]:
+            todo.remove(cell)
+            _event(events, "start", cell.name, train=status[cell.name] != "measure")
+            running[runner.submit(cell, str(cells_dir))] = (cell, time.perf_counter())
+            prog.running += 1
+        if not running:
+            break
+        for handle, result in runner.wait(list(running), timeout=1.0):
+            cell, start = running.pop(handle)
+            prog.running -= 1
+            ran += 1
+            prog.durations.append(time.perf_counter() - start)
+            if result["status"] == "done":
+                status[cell.name] = "done"
+                prog.done += 1
+                _event(events, "done", cell.name)
+                acc = result["row"]["test_acc"]
+                prog.event(f"finished {cell.name} (test acc {acc:.4f})", finished=True)
+            else:
+                if not (cells_dir / cell.name / "failed.json").is_file():
+                    write_json(
+                        cells_dir / cell.name / "failed.json",
+                        {"cell": cell.name, "reason": result["reason"]},
+                    )
+                status[cell.name] = "failed"
+                prog.failed += 1
+                _event(events, "failed", cell.name, result["reason"])
+                prog.event(f"failed {cell.name}: {result['reason']}", finished=True)
+    return ran
 
 
 def _backend(name: str, workers: int, threads: int, address: str | None, device: str | None = None):
@@ -463,9 +663,13 @@ def _backend(name: str, workers: int, threads: int, address: str | None, device:
     return LocalBackend(workers, threads, device)
 
 
-def _event(path: Path, kind: str, cell: str, reason: str | None = None) -> None:
-    record = {"event": kind, "cell": cell, "time": round(time.time(), 3)}
+def _event(
+    path: Path, kind: str, cell: str, reason: str | None = None, train: bool | None = None
+) -> None:
+    record: dict[str, Any] = {"event": kind, "cell": cell, "time": round(time.time(), 3)}
     if reason is not None:
         record["reason"] = reason
+    if train is not None:
+        record["train"] = train  # False: a finished cell measuring a new follow-up
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -10,12 +10,12 @@ import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qatlab.compare.measures import column_for, is_number
-from qatlab.compare.sections import EXTRA_SECTIONS, SECTIONS, register_section
+from qatlab.compare.sections import EXTRA_SECTIONS, SECTIONS, Table, register_section
 from qatlab.measure.registry import SECTIONS as MEASURE_SECTIONS
 from qatlab.measure.registry import column_rank
 
@@ -82,36 +82,6 @@ def rows_table(
 # results alone, rendered to Markdown and to one self-contained HTML page. Sections come from
 # a registry: ``@register_section`` adds one; each returns its blocks (none if it has nothing
 # to show for this comparison).
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-    marked: set[tuple[int, int]] = field(default_factory=set)  # (row, col): best in its column
-
-    def markdown(self) -> str:
-        lines = [
-            "| " + " | ".join(self.headers) + " |",
-            "|" + "|".join("---" for _ in self.headers) + "|",
-        ]
-        for i, row in enumerate(self.rows):
-            cells = [f"**{c}**" if (i, j) in self.marked else c for j, c in enumerate(row)]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
-        body = []
-        for i, row in enumerate(self.rows):
-            cells = "".join(
-                f"<td><b>{html.escape(c)}</b></td>"
-                if (i, j) in self.marked
-                else f"<td>{html.escape(c)}</td>"
-                for j, c in enumerate(row)
-            )
-            body.append(f"<tr>{cells}</tr>")
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 @dataclass
@@ -465,6 +435,65 @@ def _oscillation(res: Results) -> list:
     return blocks
 
 
+@register_section("logged_plots")
+def _logged_plots(res: Results) -> list:
+    """The grid's ``plots``: each logged series over training steps, one line per arm (mean
+    over seeds)."""
+    from qatlab.compare.spec import check_plots
+
+    blocks: list = []
+    for plot in check_plots(res.meta["grid"].get("plots")):
+        key = plot["key"]
+        name = "logged_" + re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".png"
+        ylabel = plot.get("ylabel") or key
+        scale = float(plot.get("scale", 1.0))
+        if _plot_logged(res, key, name, ylabel, scale=scale, by_arm=True):
+            if not blocks:
+                blocks.append(("h2", "Logged series"))
+            title = plot.get("title") or f"{key} over training, mean over seeds, per arm"
+            blocks.append(("img", name, title))
+    return blocks
+
+
+@register_section("selections")
+def _selections(res: Results) -> list:
+    """What each selecting stage chose per arm, from the validation means over its seeds."""
+    try:
+        chosen = json.loads((res.out / "cells.json").read_text()).get("selections") or {}
+    except (OSError, ValueError):
+        return []
+    blocks: list = []
+    for stage, spec in chosen.items():
+        picks = spec.get("chosen") or {}
+        if not picks:
+            continue
+        if not blocks:
+            blocks.append(("h2", "Selections"))
+        users = sorted({c["stage"] for c in res.cells if any(
+            u.get("stage") == stage for u in (c.get("uses") or {}).values())})  # fmt: skip
+        blocks.append(
+            (
+                "p",
+                f"Stage {stage} chose {spec['axis']} per arm by the mean {spec['metric']} "
+                f"({spec['mode']}) over its seeds; used by {', '.join(users) or 'no stage'}. "
+                "Validation numbers only: the chosen cells' test numbers come from other seeds "
+                "when the using stage has its own.",
+            )
+        )
+        values = list(dict.fromkeys(v for p in picks.values() for v in p["means"]))
+        scale = 100.0 if spec["metric"].endswith("acc") else 1.0
+        table = Table(["arm", "chosen", *(f"{spec['metric']} @ {v}" for v in values)], [])
+        for arm, pick in picks.items():
+            labels = json.loads(arm)
+            name = " ".join(str(v) for v in labels.values()) or "all"
+            means = [pick["means"].get(v) for v in values]
+            table.rows.append(
+                [name, pick["label"], *(fmt(m, scale, 2) if m is not None else "–" for m in means)]
+            )
+        blocks.append(("table", table))
+    return blocks
+
+
 # sections the report renders itself; every other section of a measure's columns gets a table
 OWN_SECTIONS = ("accuracy", "crossbit", "oscillation")
 
@@ -591,14 +620,23 @@ def _plot_curves(res: Results) -> None:
     plt.close(fig)
 
 
-def _plot_logged(res: Results, metric: str, name: str, ylabel: str) -> bool:
-    """A step-logged statistic over training, mean over seeds: one panel per setting (the
-    labels other than the method, e.g. the bit width), one line per method with its own colour,
-    line style and marker (identical curves stay visible), one legend beside the panels."""
+def _plot_logged(
+    res: Results,
+    metric: str,
+    name: str,
+    ylabel: str,
+    *,
+    scale: float = 100.0,
+    by_arm: bool = False,
+) -> bool:
+    """A step-logged statistic over training (times ``scale``), mean over seeds: one panel per
+    setting (the labels other than the method, e.g. the bit width), one line per method with
+    its own colour, line style and marker (identical curves stay visible), one legend beside
+    the panels. ``by_arm``: one panel, one line per arm (the rows' ``arm``)."""
     from qatlab.train.plots import _save
 
     keys = res.group_keys()
-    split = keys.index("method") if "method" in keys else None
+    split = keys.index("method") if "method" in keys and not by_arm else None
     panels: dict[tuple, list[tuple[str, list[int], list[float]]]] = {}
     for key, members in _groups(res):
         curves = [
@@ -608,8 +646,10 @@ def _plot_logged(res: Results, metric: str, name: str, ylabel: str) -> bool:
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
-        ys = [sum(c[s] for c in curves) / len(curves) * 100 for s in steps]
-        if split is None:
+        ys = [sum(c[s] for c in curves) / len(curves) * scale for s in steps]
+        if by_arm:
+            panel, label = (), str(members[0].get("arm") or " ".join(map(str, key)))
+        elif split is None:
             panel, label = (), " ".join(map(str, key))
         else:
             panel, label = key[:split] + key[split + 1 :], str(key[split])

@@ -1,4 +1,5 @@
-"""The registry of report sections: :func:`register_section` and the two lists it fills.
+"""The registry of report sections: :func:`register_section` and the two lists it fills; and
+:class:`Table`, the table block every section builds.
 
 A leaf of :mod:`qatlab.compare`: :mod:`qatlab.compare.report` (the default sections and the
 renderer), the opt-in section modules and :mod:`qatlab.compare.spec` (which checks a grid's
@@ -8,7 +9,9 @@ the opt-in section modules, so they are registered whenever :mod:`qatlab.compare
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 Section = Callable[[Any], list]  # fn(results: report.Results) -> blocks
@@ -30,3 +33,33 @@ def register_section(name: str, default: bool = True) -> Callable:
         return fn
 
     return wrap
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    marked: set[tuple[int, int]] = field(default_factory=set)  # (row, col): best in its column
+
+    def markdown(self) -> str:
+        lines = [
+            "| " + " | ".join(self.headers) + " |",
+            "|" + "|".join("---" for _ in self.headers) + "|",
+        ]
+        for i, row in enumerate(self.rows):
+            cells = [f"**{c}**" if (i, j) in self.marked else c for j, c in enumerate(row)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = []
+        for i, row in enumerate(self.rows):
+            cells = "".join(
+                f"<td><b>{html.escape(c)}</b></td>"
+                if (i, j) in self.marked
+                else f"<td>{html.escape(c)}</td>"
+                for j, c in enumerate(row)
+            )
+            body.append(f"<tr>{cells}</tr>")
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

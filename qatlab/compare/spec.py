@@ -22,6 +22,37 @@ a method that needs quantization skips float cells. Everything is checked here, 
 cell runs: each mistake is one :class:`ConfigError` line. ``contrasts`` (report only: each arm
 against a control arm, paired by seed) is checked against the cells' labels here too
 (:mod:`qatlab.compare.contrasts`).
+
+More keys (issue 21)::
+
+    monitors: [{name: flips, every: 10}]   # logging hooks (qatlab.train.monitors), grid or stage
+    plots: [{key: tr, scale: 100, ylabel: "k_t (%)"}]   # per-step plots per arm (mean over seeds)
+    stages:
+      - name: tune
+        seeds: [100, 101]                  # a stage's own seeds (selection seeds)
+        label: "SAQ"                       # the arm name's first part (default: the stage name)
+        axes:
+          method.name: [qat, saq]
+          train.lr: {values: [0.001, 0.01], labels: [lr-small, lr-large]}  # labelled values
+        select: {axis: train.lr, metric: val_acc, mode: max}
+      - name: final
+        seeds: [0, 1, 2]
+        axes: {method.name: [qat, saq]}
+        use: {train.lr: tune}              # the value tune selected for the matching arm
+        follow_ups:
+          - {measure: accuracy, checkpoint: both}   # best and final_ (last epoch) weights
+          - {measure: logged, key: [tr, flip_share_epoch], reduce: [last, max, tail], tail: 0.1}
+
+``select``: per arm of the stage (its labels without the selected axis) the value of ``axis``
+whose mean over the stage's seeds of ``metric`` is best (``mode`` max or min; default min for
+a loss, else max). Only validation (``val_*``) metrics may select: test numbers never choose.
+``use: {KEY: STAGE}`` sets KEY of each cell to the value STAGE selected for the arm whose
+labels agree with the cell's on the columns both have (exactly one arm must match); such a
+stage is expanded (with every candidate value, for the checks) now but runs after STAGE
+finished. Every cell has an ``arm``: its stage's ``label`` (or name) and its axis labels, one
+string; the rows carry it (and ``selected_<column>`` for a used selection). A comparison
+folder grows with its grid (more seeds, values, stages, follow-ups): see
+:mod:`qatlab.compare.engine`.
 """
 
 from __future__ import annotations
@@ -49,8 +80,24 @@ GRID_KEYS = (
     "stages",
     "sections",
     "contrasts",
+    "monitors",
+    "plots",
 )
-STAGE_KEYS = ("name", "set", "axes", "overrides", "follow_ups", "init_from")
+STAGE_KEYS = (
+    "name",
+    "set",
+    "axes",
+    "overrides",
+    "follow_ups",
+    "init_from",
+    "seeds",
+    "label",
+    "select",
+    "use",
+    "monitors",
+)
+SELECT_KEYS = ("axis", "metric", "mode")
+PLOT_KEYS = ("key", "scale", "ylabel", "title")
 ALL_METHODS = "*"
 
 
@@ -65,6 +112,10 @@ class Cell:
     config: dict[str, Any]  # the run config (plain dict); out_dir/name filled in by the engine
     follow_ups: list[dict[str, Any]] = field(default_factory=list)
     depends_on: str | None = None  # name of the cell whose best.pt starts this one
+    arm: str = ""  # the arm's name: stage label (or name) and axis labels
+    # config key -> {"stage": STAGE, "arm": {column: label}}: a value STAGE selects
+    uses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selected: dict[str, Any] = field(default_factory=dict)  # the used values, once resolved
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,7 +126,15 @@ class Cell:
             "config": copy.deepcopy(self.config),
             "follow_ups": copy.deepcopy(self.follow_ups),
             "depends_on": self.depends_on,
+            "arm": self.arm,
+            "uses": copy.deepcopy(self.uses),
+            "selected": copy.deepcopy(self.selected),
         }
+
+    @property
+    def pending(self) -> bool:
+        """True while a value this cell uses has not been selected yet."""
+        return any(key not in self.selected for key in self.uses)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -91,6 +150,8 @@ class Grid:
     source: dict[str, Any]
     cells: list[Cell]
     label_columns: list[str]
+    # stage -> {"axis", "column", "metric", "mode"}: the stages that select a value
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -177,22 +238,22 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
     name = str(data.get("name") or default_name)
     base = _mapping(data.get("base") or {}, "base")
     seeds = data.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"seeds must be a non-empty list of integers (or a count), got {seeds!r}")
+    seeds = _seeds(seeds)
     stages = data.get("stages")
     if stages is None:
         stages = [{"name": "", "axes": data.get("axes") or {}}]
     elif not isinstance(stages, list) or not stages:
         raise ConfigError("stages must be a non-empty list of mappings")
     _check_sections(data.get("sections"))
+    check_plots(data.get("plots"))
     top_overrides = _list(data.get("overrides"), "overrides")
     top_follow = _list(data.get("follow_ups"), "follow_ups")
+    top_monitors = _monitors(data.get("monitors"), "monitors")
 
     cells: list[Cell] = []
     columns: list[str] = []
     seen_stages: dict[str, list[Cell]] = {}
+    selections: dict[str, dict[str, Any]] = {}
     for i, stage in enumerate(stages):
         stage = _mapping(stage, f"stages[{i}]")
         _check_keys(stage, STAGE_KEYS, f"stages[{i}]")
@@ -202,16 +263,37 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
         if sname in seen_stages:
             raise ConfigError(f"stage name {sname!r} is used twice")
         stage_base = merge(copy.deepcopy(base), _nested(stage.get("set") or {}, "set"))
-        axes = _axes(_mapping(stage.get("axes") or {}, "axes"))
+        monitors = top_monitors + _monitors(stage.get("monitors"), f"stage {sname} monitors")
+        if monitors:
+            set_dotted(stage_base, "train.monitors", monitors)
+        axes, axis_labels = _axes_and_labels(_mapping(stage.get("axes") or {}, "axes"))
         overrides = top_overrides + _list(stage.get("overrides"), f"stage {sname} overrides")
         follow = top_follow + _list(stage.get("follow_ups"), f"stage {sname} follow_ups")
+        stage_seeds = _seeds(stage["seeds"]) if "seeds" in stage else seeds
+        label = stage.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise ConfigError(f"stage {sname!r}: label must be a non-empty string, got {label!r}")
         parent = stage.get("init_from")
         if parent is not None and parent not in seen_stages:
             raise ConfigError(
                 f"stage {sname!r}: init_from {parent!r} is not an earlier stage "
                 f"(stages so far: {', '.join(seen_stages) or 'none'})"
             )
-        stage_cells = _stage_cells(sname, stage_base, axes, seeds, overrides, follow)
+        uses = _uses(stage.get("use"), sname, selections, axes)
+        extra = (sname, axes, axis_labels, stage_seeds, overrides, follow, label)
+        for key, source in uses.items():  # every value the selection may give must be valid
+            for value in selections[source]["values"][1:]:
+                trial = copy.deepcopy(stage_base)
+                _set(trial, key, copy.deepcopy(value))
+                _stage_cells(extra[0], trial, *extra[1:])
+        for key, source in uses.items():  # placeholder until the selection is made
+            _set(stage_base, key, copy.deepcopy(selections[source]["values"][0]))
+        stage_cells = _stage_cells(sname, stage_base, *extra[1:])
+        for cell in stage_cells:
+            for key, source in uses.items():
+                cell.uses[key] = {"stage": source, "arm": _select_arm(cell, source, selections)}
+        if stage.get("select") is not None:
+            selections[sname] = _selection(stage["select"], sname, axes, stage_cells)
         for col in (c for cell in stage_cells for c in cell.labels):
             if col not in columns:
                 columns.append(col)
@@ -230,7 +312,12 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
         for follow_up in cell.follow_ups:
             check_follow_up(follow_up)
     _check_contrasts(data.get("contrasts"), cells)
-    return Grid(name, str(data.get("description") or ""), data, cells, columns)
+    grid = Grid(name, str(data.get("description") or ""), data, cells, columns)
+    grid.selections = {
+        k: {key: v for key, v in sel.items() if key not in ("values", "arms")}
+        for k, sel in selections.items()
+    }
+    return grid
 
 
 def _check_sections(names: Any) -> None:
@@ -257,19 +344,21 @@ def _check_contrasts(contrasts: Any, cells: list[Cell]) -> None:
     )
 
 
-def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
+def _stage_cells(
+    stage, base, axes, axis_labels, seeds, overrides, follow, stage_label=None
+) -> list[Cell]:
     from qatlab import methods
     from qatlab.train.config import RunConfig
 
-    combos: list[dict[str, Any]] = [{}]
+    combos: list[dict[str, int]] = [{}]  # axis -> index of its value
     for key, values in axes.items():
-        combos = [{**c, key: v} for c in combos for v in values]
+        combos = [{**c, key: i} for c in combos for i in range(len(values))]
     cells: list[Cell] = []
     seen: set[str] = set()
     for combo in combos:
         config = copy.deepcopy(base)
-        for key, value in combo.items():
-            _set(config, key, copy.deepcopy(value))
+        for key, index in combo.items():
+            _set(config, key, copy.deepcopy(axes[key][index]))
         method = (config.get("method") or {}).get("name", "auto")
         if method not in ("auto", None):
             spec = methods.get_method(str(method))  # unknown method: one line, before anything
@@ -281,7 +370,11 @@ def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
         if key in seen:
             continue
         seen.add(key)
-        labels = {_column(k, axes): _label(config, k) for k in axes}
+        labels = {}
+        for k in axes:
+            given = axis_labels.get(k)
+            labels[_column(k, axes)] = given[combo[k]] if given else _label(config, k)
+        arm = _arm(stage, stage_label, labels, {_column(k, axes) for k in axis_labels})
         for seed in seeds:
             cfg = copy.deepcopy(config)
             set_dotted(cfg, "train.seed", seed)
@@ -298,7 +391,7 @@ def _stage_cells(stage, base, axes, seeds, overrides, follow) -> list[Cell]:
             except ConfigError as exc:
                 raise ConfigError(f"cell {name}: {exc}") from None
             todo = [f for f in follow if _matches(cfg, f.get("when") or {})]
-            cells.append(Cell(name, stage, seed, labels, cfg, copy.deepcopy(todo)))
+            cells.append(Cell(name, stage, seed, labels, cfg, copy.deepcopy(todo), arm=arm))
     if not cells:
         raise ConfigError(f"stage {stage or '(main)'} has no cells (every combination was skipped)")
     return cells
@@ -317,6 +410,211 @@ def _match(cell: Cell, candidates: list[Cell], parent: str) -> Cell:
             "(the parent stage's axes must be a subset of this stage's)"
         )
     return found[0]
+
+
+# ----------------------------------------------------------------------------- issue 21
+def _seeds(seeds: Any) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"seeds must be a non-empty list of integers (or a count), got {seeds!r}")
+    return seeds
+
+
+def _axes_and_labels(axes: dict[str, Any]) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Axes whose values may carry labels: ``{values: [...], labels: [...]}``."""
+    plain: dict[str, Any] = {}
+    labels: dict[str, list[str]] = {}
+    for key, spec in axes.items():
+        if isinstance(spec, dict):
+            _check_keys(spec, ("values", "labels"), f"axis {key}")
+            values, names = spec.get("values"), spec.get("labels")
+            if not isinstance(names, list) or not isinstance(values, list):
+                raise ConfigError(f"axis {key}: values and labels must both be lists")
+            if len(names) != len(values) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(
+                    f"axis {key}: labels must be one non-empty string per value "
+                    f"({len(values)} values, {len(names)} labels)"
+                )
+            if len(set(names)) != len(names):
+                raise ConfigError(f"axis {key}: labels must differ, got {names}")
+            plain[key] = values
+            labels[key] = names
+        else:
+            plain[key] = spec
+    return _axes(plain), labels
+
+
+def _arm(stage: str, label: str | None, labels: dict[str, str], named: set[str]) -> str:
+    """An arm's name: the stage's label (or name), then each axis label (``col=value`` for
+    plain values of axes other than method and bits), e.g. ``tune qat lr=0.01``."""
+    parts = [label] if label else ([stage] if stage else [])
+    for col, value in labels.items():
+        plain = col in ("method", "bits") or col in named
+        parts.append(value if plain else f"{col}={value}")
+    return " ".join(parts) or "all"
+
+
+def _monitors(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    from qatlab.train.monitors import check_monitors
+
+    check_monitors(value, where)
+    return copy.deepcopy(value)
+
+
+def check_plots(plots: Any) -> list[dict[str, Any]]:
+    """``plots``: logged series to draw per arm over training steps, as keys or mappings
+    ``{key, scale, ylabel, title}``; returns them as mappings."""
+    if plots is None:
+        return []
+    if not isinstance(plots, list):
+        raise ConfigError(f"plots must be a list of logged keys or {{key: ...}}, got {plots!r}")
+    out = []
+    for item in plots:
+        item = {"key": item} if isinstance(item, str) else _mapping(item, "plots")
+        _check_keys(item, PLOT_KEYS, "a plot")
+        if not isinstance(item.get("key"), str) or not item["key"]:
+            raise ConfigError(f"each plot needs a logged key, got {item!r}")
+        scale = item.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise ConfigError(f"plot {item['key']}: scale must be a number, got {scale!r}")
+        out.append(item)
+    return out
+
+
+def _selection(spec: Any, stage: str, axes: dict[str, list], cells: list[Cell]) -> dict:
+    """A stage's ``select``: checked; with its column, candidate values and arms."""
+    spec = _mapping(spec, f"stage {stage} select")
+    _check_keys(spec, SELECT_KEYS, f"stage {stage} select")
+    axis, metric = spec.get("axis"), spec.get("metric", "val_acc")
+    if axis not in axes:
+        raise ConfigError(
+            f"stage {stage!r}: select axis {axis!r} is not one of its axes "
+            f"({', '.join(axes) or 'none'})"
+        )
+    if not isinstance(metric, str) or not metric.startswith("val_"):
+        raise ConfigError(
+            f"stage {stage!r}: select metric must be a validation metric (val_*), got "
+            f"{metric!r}: test numbers never choose a setting"
+        )
+    mode = spec.get("mode", "min" if metric.endswith("loss") else "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"stage {stage!r}: select mode must be max or min, got {mode!r}")
+    column = _column(axis, axes)
+    arms = []
+    for cell in cells:
+        arm = {k: v for k, v in cell.labels.items() if k != column}
+        if arm not in arms:
+            arms.append(arm)
+    return {
+        "axis": axis,
+        "column": column,
+        "metric": metric,
+        "mode": mode,
+        "values": axes[axis],
+        "arms": arms,
+    }
+
+
+def _uses(use: Any, stage: str, selections: dict, axes: dict) -> dict[str, str]:
+    """A stage's ``use: {KEY: STAGE}``: KEY must be what STAGE (earlier) selects."""
+    if use is None:
+        return {}
+    use = _mapping(use, f"stage {stage} use")
+    for key, source in use.items():
+        if source not in selections:
+            raise ConfigError(
+                f"stage {stage!r}: use {key}: {source!r} is not an earlier stage with select "
+                f"(selecting stages so far: {', '.join(selections) or 'none'})"
+            )
+        if selections[source]["axis"] != key:
+            raise ConfigError(
+                f"stage {stage!r}: stage {source!r} selects {selections[source]['axis']}, not {key}"
+            )
+        if key in axes:
+            raise ConfigError(f"stage {stage!r}: {key} is both an axis and used from {source!r}")
+    return dict(use)
+
+
+def _select_arm(cell: Cell, source: str, selections: dict) -> dict[str, str]:
+    found = [
+        arm
+        for arm in selections[source]["arms"]
+        if all(cell.labels[k] == v for k, v in arm.items() if k in cell.labels)
+    ]
+    if len(found) != 1:
+        raise ConfigError(
+            f"cell {cell.name}: the selection of stage {source!r} has {len(found)} arms "
+            "agreeing with its labels, need exactly one (give this stage the axes that stage "
+            "keeps besides the selected one)"
+        )
+    return found[0]
+
+
+def arm_key(labels: dict[str, str]) -> str:
+    """A selection arm as one string (its labels, sorted): the key of ``select_values``."""
+    return json.dumps(labels, sort_keys=True)
+
+
+def select_values(
+    cells: list[Cell], rows: dict[str, dict[str, Any]], selection: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The selection of one stage: per arm (``arm_key``), the axis value whose mean over seeds
+    of ``selection["metric"]`` (a ``val_*`` key, nothing else of a row is read) is best.
+    ``rows``: finished cells' result rows by cell name; failed cells and non-finite numbers
+    are left out, a value none of whose seeds finished is not a candidate. Returns
+    ``{arm_key: {"value", "label", "means": {label: mean}, "seeds": n}}`` (arms with no
+    candidate are absent)."""
+    import math
+
+    axis, column, metric = selection["axis"], selection["column"], selection["metric"]
+    sign = 1.0 if selection["mode"] == "max" else -1.0
+    per_arm: dict[str, dict[str, list]] = {}
+    values: dict[str, Any] = {}
+    for cell in cells:
+        row = rows.get(cell.name)
+        if row is None:
+            continue
+        value = row.get(metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value):
+            continue
+        arm = arm_key({k: v for k, v in cell.labels.items() if k != column})
+        label = cell.labels[column]
+        values[label] = _get(cell.config, axis)
+        per_arm.setdefault(arm, {}).setdefault(label, []).append(float(value))
+    out = {}
+    for arm, by_label in per_arm.items():
+        means = {label: sum(v) / len(v) for label, v in by_label.items()}
+        best = max(means, key=lambda label: sign * means[label])  # ties: the first listed
+        out[arm] = {
+            "value": copy.deepcopy(values[best]),
+            "label": best,
+            "means": means,
+            "seeds": len(by_label[best]),
+        }
+    return out
+
+
+def resolve(cell: Cell, chosen: dict[str, dict[str, dict[str, Any]]]) -> bool:
+    """Set the values ``cell`` uses from the selections made so far (``chosen``: stage ->
+    ``select_values`` result); True once every used value is set. Raises ConfigError if the
+    selecting stage finished with no candidate for the cell's arm."""
+    for key, use in cell.uses.items():
+        if key in cell.selected or use["stage"] not in chosen:
+            continue
+        pick = chosen[use["stage"]].get(arm_key(use["arm"]))
+        if pick is None:
+            raise ConfigError(
+                f"stage {use['stage']!r} selected nothing for arm {use['arm']} (no finished "
+                "cell with a finite metric)"
+            )
+        _set(cell.config, key, copy.deepcopy(pick["value"]))
+        cell.selected[key] = pick["value"]
+    return not cell.pending
 
 
 # ----------------------------------------------------------------------------- helpers

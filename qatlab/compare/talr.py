@@ -24,15 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
 from qatlab.measure.stats import t_quantile
-from qatlab.methods.base import Hook
-from qatlab.quant.transitions import TransitionCounter, _key
 from qatlab.train.metrics import write_json
+from qatlab.train.monitors import FlipLog
 
 MODELS = ("cnn1d", "mlp5")
 BITS = (2, 3)
@@ -47,50 +43,7 @@ TAIL = 0.2  # the tracking criterion is measured after the first 20% of training
 
 
 # ----------------------------------------------------------------------------- flip log
-class FlipLog(nn.Module, Hook):
-    """Logs the transition rate ``tr`` (k_t) every ``log_every`` steps and, at the end of each
-    epoch, ``tr_epoch`` (mean k_t over the epoch) and ``flip_share_epoch`` (share of counted
-    weights whose integer changed at least once in the epoch). Reuses a method's counter
-    (``hook.transitions``) when there is one, so TALR and this log see the same k_t. (The
-    study's logger: it reads k_t to the host every step, which TALR itself does not.)"""
-
-    def __init__(
-        self, model: nn.Module, hooks: list, steps_per_epoch: int, log_every: int = 1
-    ) -> None:
-        super().__init__()
-        shared = [h.transitions for h in hooks if hasattr(h, "transitions")]
-        if shared:
-            self._shared = shared[:1]  # a list: not a submodule (its owner saves it)
-        else:
-            self._shared = []
-            self.own = TransitionCounter(model)
-        self.steps_per_epoch = steps_per_epoch
-        self.log_every = log_every
-        for name in self.counter.layer_names:
-            shape = self.counter.previous(name).shape
-            self.register_buffer(f"{_key(name)}__moved", torch.zeros(shape, dtype=torch.bool))
-        self.register_buffer("k_sum", torch.zeros((), dtype=torch.float64))
-
-    @property
-    def counter(self) -> TransitionCounter:
-        return self._shared[0] if self._shared else self.own
-
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> dict | None:
-        moves = self.counter.update(model, step)
-        for name, d in moves.direction.items():
-            getattr(self, f"{_key(name)}__moved").logical_or_(d != 0)
-        k = moves.rate()
-        self.k_sum += k
-        out = {"tr": k} if self.log_every and (step + 1) % self.log_every == 0 else {}
-        if (step + 1) % self.steps_per_epoch == 0:
-            masks = [getattr(self, f"{_key(n)}__moved") for n in self.counter.layer_names]
-            moved = sum(int(m.sum()) for m in masks)
-            out["flip_share_epoch"] = moved / max(sum(m.numel() for m in masks), 1)
-            out["tr_epoch"] = float(self.k_sum) / self.steps_per_epoch
-            for m in masks:
-                m.zero_()
-            self.k_sum.zero_()
-        return out or None
+# FlipLog is the ``flips`` monitor of qatlab.train.monitors (this study's logger, ported)
 
 
 # ----------------------------------------------------------------------------- configs

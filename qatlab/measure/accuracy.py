@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatlab.measure.registry import Column, register_column
+from qatlab.measure.registry import Column, MeasureContext, register_column, register_measure
 
 # the columns of every run's summary (the training loop records them)
 register_column(Column("test_acc", "test acc %"))
@@ -40,3 +40,30 @@ def evaluate(
     if count == 0:
         return {"loss": math.nan, "acc": math.nan}
     return {"loss": float(loss) / count, "acc": float(correct) / count}
+
+
+# ----------------------------------------------------------------------------- the measure
+def _final_label(rest: str) -> str | None:
+    """``final_<key>``: the column of ``<key>`` with a 'final:' header (a follow-up run with
+    ``checkpoint: final`` or ``both``), or None if ``<key>`` is no column."""
+    from qatlab.measure.registry import column_for
+
+    entry = column_for(rest)
+    return None if entry is None else f"final: {entry[1]}"
+
+
+register_column(Column("final_", "final: {}", label=_final_label, order=1))
+
+
+@register_measure("accuracy")
+def accuracy(ctx: MeasureContext, batch_size: int = 512) -> dict[str, float]:
+    """Test and validation accuracy and loss of the measured model (``test_acc``, ``test_loss``,
+    ``val_acc``, ``val_loss``): with ``checkpoint: final``, the last epoch's numbers."""
+    model = ctx.model()
+    out = {}
+    for split in ("test", "val"):
+        dataset = getattr(ctx.data, split, None)
+        if dataset is not None and len(dataset):
+            res = evaluate(model, dataset, batch_size)
+            out.update({f"{split}_acc": res["acc"], f"{split}_loss": res["loss"]})
+    return out

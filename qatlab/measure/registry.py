@@ -69,6 +69,9 @@ class MeasureContext(Protocol):
     def method_hooks(self) -> list:
         """The training method's hooks as they ended training (their saved state loaded)."""
 
+    def logged_records(self) -> list[dict[str, Any]]:
+        """The run's ``metrics.jsonl`` records (epoch and logged step records), in order."""
+
 
 # ----------------------------------------------------------------------------- columns
 @dataclass(frozen=True)

@@ -45,8 +45,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # file looks like and what to pass instead
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
-        what = "truncated or damaged (a kill while it was written?)" if is_zip else (
-            "not a PyTorch checkpoint"
+        what = (
+            "truncated or damaged (a kill while it was written?)"
+            if is_zip
+            else ("not a PyTorch checkpoint")
         )
         raise CheckpointError(
             f"cannot read checkpoint {path}: {what}; pass a best.pt or ckpt.pt written by "

@@ -180,6 +180,8 @@ class TrainConfig:
     num_workers: int | None = None
     log_every: int = 0  # also log train loss/LR every N steps (0 = per epoch only)
     log_transitions: bool = True  # quantized runs: log the transition rate ``tr`` per epoch
+    # logging hooks by name (qatlab.train.monitors), e.g. [{name: flips, every: 10}]
+    monitors: list = field(default_factory=list)
     divergence_factor: float = 100.0  # stop when the loss exceeds this x the first (0 = never)
     progress: bool = True  # tqdm bar (shown only when stderr is a terminal)
     # torch.compile the training forward (and its backward); evaluation and the methods' own
@@ -238,6 +240,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.patience is not None:
             positive("train.patience", self.patience)
+        if self.monitors:
+            from qatlab.train.monitors import check_monitors
+
+            check_monitors(self.monitors)
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0 or null, got {self.num_workers}")
         return self

@@ -145,6 +145,12 @@ class RunContext:
         path = self.run_dir / INIT_FILE
         return load_checkpoint(path)["model"] if path.is_file() else None
 
+    def logged_records(self) -> list[dict[str, Any]]:
+        """The run's ``metrics.jsonl`` records ([] if it kept none)."""
+        from qatlab.train.metrics import read_jsonl
+
+        return read_jsonl(self.run_dir / "metrics.jsonl")
+
     def method_hooks(self) -> list:
         """The method's hooks as training left them (states from ``ckpt.pt``); [] for a float
         run or a run without hook state."""

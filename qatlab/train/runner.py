@@ -111,6 +111,10 @@ def build(cfg: RunConfig, *, resume: bool = False):
             calibrate(model, train_loader(data, calib, 0), cfg.train.calib_batches)
     total_steps = cfg.train.epochs * count_steps(data, cfg.train)
     hooks = build_hooks(cfg.method.name, cfg.method.options, model, cfg.quant, total_steps)
+    if cfg.train.monitors:  # logging hooks after the method's (qatlab.train.monitors)
+        from qatlab.train.monitors import build_monitors
+
+        hooks += build_monitors(cfg.train.monitors, model, hooks, count_steps(data, cfg.train))
     return model, data, hooks
 
 
