@@ -14,7 +14,7 @@ from helpers import Killer, free_port, pretend_torchrun
 
 import qatlab
 from qatlab.errors import ConfigError
-from qatlab.methods import build_hooks, check_options, register_method
+from qatlab.methods import METHODS, build_hooks, check_options, register_method
 from qatlab.train import Hook, RunConfig, TrainConfig, fit, load_config
 from qatlab.train.checkpoint import load_checkpoint
 from qatlab.train.loop import lr_factor
@@ -343,7 +343,16 @@ def test_config_errors_are_one_clear_line(override, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_method_options_aliases_and_types():
+@pytest.fixture
+def scratch_methods():
+    """Methods a test registers are unregistered after it (the demo runs every registered one)."""
+    before = dict(METHODS)
+    yield
+    METHODS.clear()
+    METHODS.update(before)
+
+
+def test_method_options_aliases_and_types(scratch_methods):
     @register_method("_toy", aliases={"lambda": "lambda_max"}, needs_quant=True)
     def _toy(model, quant, total_steps, lambda_max=0.1, start=0.25, bits=3):
         """A toy method."""
@@ -361,7 +370,9 @@ def test_method_options_aliases_and_types():
     assert hooks[0].scale == 3.0
 
 
-def test_build_runs_method_hooks_on_the_quantized_model(tiny_data_config, tmp_path):
+def test_build_runs_method_hooks_on_the_quantized_model(
+    tiny_data_config, tmp_path, scratch_methods
+):
     seen = {}
 
     @register_method("_probe", needs_quant=True)
