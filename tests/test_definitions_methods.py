@@ -91,8 +91,9 @@ def test_saq_first_and_second_step_by_hand():
         [0.3 - 0.1 * 2 * (out - 3), 1.2 - 0.1 * 4 * (out - 3)], rel=1e-5
     )
     assert layer(_X).item() == pytest.approx(5.0)  # q(w) = [1, 2]; no e left in the forward
+    layer.weight.grad = torch.zeros(1, 2)
     opt.second_step()  # zero_grad False: the gradient stays
-    assert opt.steps == 2
+    assert opt.steps == 2 and layer.weight.grad is not None
 
 
 def test_saq_first_step_zero_grad():
@@ -147,6 +148,16 @@ def test_saq_efficient_variant_reuses_e_by_hand():
     empty.load_wrapper_state({})
     assert empty.steps == 0 and empty.last_e is None
     assert empty.wrapper_state() == {"steps": 0, "last_e": None}
+    # a state at an odd step without e (saved with every=1): the next step is a fresh one
+    empty.load_wrapper_state({"steps": 1, "last_e": None})
+    more.clear()
+    empty.step(_closure(other, empty, more))
+    assert len(more) == 2 and empty.steps == 2 and empty.last_e is not None
+    # e saved in another dtype comes back in the weight's
+    empty.load_wrapper_state(
+        {"steps": 3, "last_e": {"": torch.tensor([[0.5, 0.25]], dtype=torch.float64)}}
+    )
+    assert empty.last_e[""].dtype == torch.float32 and empty.last_e[""].tolist() == [[0.5, 0.25]]
 
 
 def test_saq_full_steps_count_and_keep_no_e():
@@ -180,7 +191,7 @@ def _extras_model(**values) -> nn.Module:
     )
     lin, ln = model
     _fill(lin.weight, values.get("w", [[0.5, -1.5], [0.0, 1.0]]))
-    _fill(lin.bias, values.get("b", [0.5, 0.0]))
+    _fill(lin.bias, values.get("b", [1.5, 0.0]))
     _fill(lin.weight_quantizer.step, 0.5)
     _fill(lin.input_quantizer.step, 1.5)
     # gradients, sum of squares 5 + 4 + 4 + 4 + 4 + 4 = 25
@@ -240,7 +251,7 @@ def test_saq_adaptive_ball_members_by_hand(adaptive_bias):
     # biases (layer and norm) unscaled: their T g and T^2 g are just g.
     t = {
         "0": [[1.0, 2.0], [0.5, 1.5]],  # |w| + 0.5
-        "0.bias": [1.0, 0.5],  # |b| + 0.5, b = [0.5, 0]
+        "0.bias": [2.0, 0.5],  # |b| + 0.5, b = [1.5, 0]
         "0.weight_quantizer.step": 1.0,  # 0.5 + 0.5
         "0.input_quantizer.step": 2.0,  # 1.5 + 0.5
         "1.weight": [1.5, 1.5],  # LayerNorm weight 1
@@ -256,9 +267,9 @@ def test_saq_adaptive_ball_members_by_hand(adaptive_bias):
         return sum(sq(x) for x in a) if isinstance(a, list) else a * a
 
     tg = {k: mul(t[k], g) for k, g in _GRADS.items()}
-    # ||T g||^2 = 10 + 4 + 4 + 16 + 9 + (1 if adaptive_bias else 4) = 44 or 47 (by hand)
+    # ||T g||^2 = 10 + (16 + 1 if adaptive_bias else 4 + 4) + 4 + 16 + 9 = 56 or 47 (by hand)
     norm = math.sqrt(sum(sq(v) for v in tg.values()))
-    assert norm == pytest.approx(math.sqrt(44.0 if adaptive_bias else 47.0))
+    assert norm == pytest.approx(math.sqrt(56.0 if adaptive_bias else 47.0))
     e = _e(_extras_model(), ball="raw", adaptive=True, eta=0.5, adaptive_bias=adaptive_bias,
            **_ALL_EXTRAS)  # fmt: skip
     assert e == {k: _scaled(mul(t[k], v), 0.5 / norm) for k, v in tg.items()}
@@ -279,7 +290,7 @@ def test_saq_std_ball_with_bias_and_weight_step_by_hand():
     u = math.sqrt(u2)
     e = _e(_extras_model(), ball="std", bias=True, weight_steps=True, adaptive=True, eta=0.5)
     tw = [[0.5 + 0.5 * u, 1.5 + 0.5 * u], [0.5 * u, 1.0 + 0.5 * u]]
-    ts, tb = 0.5 + 0.5 * u, [1.0, 0.5]
+    ts, tb = 0.5 + 0.5 * u, [2.0, 0.5]
     norm = math.sqrt(tw[0][0] ** 2 + (2 * tw[1][1]) ** 2 + (2 * ts) ** 2 + (2 * tb[0]) ** 2)
     assert e == {
         "0": [
@@ -433,6 +444,7 @@ def test_saq_check_and_hook_options():
             SAQHook(**bad)
     SAQHook()  # the defaults are valid
     hook = SAQHook(rho=0.3, every=2)
+    assert hook.optimizer is None
     layer = _layer([0.3, 1.2])
     base = torch.optim.SGD([layer.weight], lr=0.1)
     opt = hook.wrap_optimizer(base, layer)
@@ -448,6 +460,12 @@ def test_saq_check_and_hook_options():
         SAQ(torch.optim.SGD([layer.weight], lr=0.1), nn.Linear(2, 1))
     with pytest.raises(RuntimeError):
         default.perturbation()  # no first pass yet
+    with pytest.raises(qatlab.ConfigError):
+        SAQ(torch.optim.SGD([layer.weight], lr=0.1), layer, ball="x")
+    model = _extras_model()
+    extras = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, bias=True, norm=True)
+    assert extras._tensor("0") is model[0].weight and extras._tensor("1.bias") is model[1].bias
+    assert extras.biases == {"0.bias", "1.bias"}
 
 
 # ----------------------------------------------------------------------------- oscreg
