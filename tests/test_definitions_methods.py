@@ -595,6 +595,12 @@ def test_oscreg_statistics_by_hand():
                                  "reg_ratio/0": math.sqrt(0.05**2 + 0.1**2 + 0.05**2) / 1.0,
                                  "reg_ratio/1": 0.1 / 2.0})  # fmt: skip
     assert reg._reg_grads == {}
+    # a layer without a gradient is skipped, the others still reported
+    model(torch.ones(1, 4))
+    term = reg.loss_term(model, 4, 10)
+    (term + model[0].weight[0, 0] + 2 * model[1].weight[1, 0]).backward()
+    model[0].weight.grad = None
+    assert set(reg.after_step(model, 4, 10)) == set(stats) | {"reg_ratio/1"}
     # a one-weight layer has no std; a layer without task gradient has an infinite ratio
     one = nn.Sequential(nn.Linear(1, 1, bias=False))
     _fill(one[0].weight, [0.7])
@@ -609,11 +615,12 @@ def test_ptq_accuracy_metric_name(monkeypatch):
     from qatlab.methods import oscreg
 
     seen = []
-    monkeypatch.setattr(oscreg, "ptq_accuracy", lambda m, d, b, bs: seen.append((d, b, bs)) or 0.5)
+    fake = lambda m, d, b, bs: seen.append((m, d, b, bs)) or 0.5  # noqa: E731
+    monkeypatch.setattr(oscreg, "ptq_accuracy", fake)
     data = type("Data", (), {"val": "VAL"})()
-    assert PTQAccuracy(3).eval_metrics(None, data, "val") == {"ptq3_acc": 0.5}
-    assert PTQAccuracy(2, batch_size=7).eval_metrics(None, data, "val") == {"ptq2_acc": 0.5}
-    assert seen == [("VAL", 3, 512), ("VAL", 2, 7)]
+    assert PTQAccuracy(3).eval_metrics("M", data, "val") == {"ptq3_acc": 0.5}
+    assert PTQAccuracy(2, batch_size=7).eval_metrics("M", data, "val") == {"ptq2_acc": 0.5}
+    assert seen == [("M", "VAL", 3, 512), ("M", "VAL", 2, 7)]
 
 
 # ----------------------------------------------------------------------------- TALR
@@ -884,6 +891,18 @@ def test_talr_state_round_trip():
     opt.observe({GLOBAL: 0.2})
     other.observe({GLOBAL: 0.2})
     assert float(other.U[GLOBAL]) == float(opt.U[GLOBAL])
+    # an older state without A, W, Rbar, with plain floats: those present are loaded in float64
+    old = {
+        "t": 5,
+        "U": {GLOBAL: 0.25},
+        "K": {GLOBAL: 0.125},
+        "k": {GLOBAL: 0.5},
+        "R": {GLOBAL: 0.1},
+    }
+    other.load_wrapper_state(old)
+    assert (other.t, float(other.U[GLOBAL]), float(other.K[GLOBAL])) == (5, 0.25, 0.125)
+    assert other.U[GLOBAL].dtype == torch.float64 and other.R[GLOBAL] == 0.1
+    assert float(other.A[GLOBAL]) == float(opt.A[GLOBAL]) and other.Rbar == opt.Rbar
     state["U"] = {"0": torch.tensor(1.0)}
     with pytest.raises(ValueError):
         other.load_wrapper_state(state)
@@ -891,7 +910,7 @@ def test_talr_state_round_trip():
 
 def test_talr_hook_logs_every_log_every_steps():
     layer = _layer([0.52, 1.2])
-    hook = TALRHook(layer, 8, lam=0.1, momentum=0.5, log_every=2, u0=0.05, max_change=3.0,
+    hook = TALRHook(layer, 8, lam=0.1, momentum=0.5, log_every=3, u0=0.05, max_change=3.0,
                     u_max=0.2, controller="paper", eta=0.2, schedule="step",
                     milestones=(0.25,), gamma=0.5)  # fmt: skip
     assert hook.frozen == [layer.weight_quantizer.step]
@@ -902,8 +921,9 @@ def test_talr_hook_logs_every_log_every_steps():
     assert (opt.controller, opt.eta, opt.schedule, opt.milestones, opt.gamma) == (
         "paper", 0.2, "step", (0.25,), 0.5)  # fmt: skip
     assert opt.total_steps == 8
-    assert hook.after_step(layer, 0, 8) is None
-    assert hook.after_step(layer, 1, 8) == opt.metrics()
+    assert hook.after_step(layer, 0, 8) is None and hook.after_step(layer, 1, 8) is None
+    assert hook.after_step(layer, 2, 8) == opt.metrics()  # after every 3rd step
+    assert hook.after_step(layer, 4, 8) is None
     assert TALRHook(_layer([0.3]), 8, log_every=0).after_step(layer, 1, 8) is None
     default = TALRHook(_layer([0.3]), 8)
     assert default.log_every == 50 and default.options == {
