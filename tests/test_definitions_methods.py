@@ -767,6 +767,8 @@ def test_talr_step_scales_the_latent_move_by_u_over_lr():
     assert layer.weight[0].tolist() == pytest.approx([0.47, 1.1], rel=1e-6)
     assert float(opt.k[GLOBAL]) == pytest.approx(0.5)
     assert float(opt.U[GLOBAL]) == pytest.approx(0.06)
+    # the count is keyed by the step: another user of the counter at step 0 sees the same moves
+    assert opt.counter.update(layer, 0).rate() == pytest.approx(0.5)
     # the loop's LR (a scheduler set it to 0.3) is kept and does not change the move: U_1 x g
     opt.groups[0]["lr"] = 0.3
     opt.step(closure)
