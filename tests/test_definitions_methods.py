@@ -552,6 +552,11 @@ def test_oscreg_quantizer_defaults():
     assert float(OscillationRegularizer(nn.Sequential(nn.ReLU())).penalty()) == 0.0
     with pytest.raises(ValueError):
         OscillationRegularizer(_reg_model(), aggregation="sum")
+    # one layer: uniform = mean (N / N_avg = 1)
+    single = nn.Sequential(nn.Linear(4, 1, bias=False))
+    _fill(single[0].weight, _W0)
+    uniform = OscillationRegularizer(single, aggregation="uniform")
+    assert uniform.penalty().item() == pytest.approx(0.01)
 
 
 def test_oscreg_on_the_lsq_grid_by_hand():
@@ -570,6 +575,13 @@ def test_oscreg_on_the_lsq_grid_by_hand():
     assert reg.value() == pytest.approx((1.0 - 0.09 - 1.44) / 2)  # mean(q^2) - mean(w^2)
     with pytest.raises(ValueError):
         OscillationRegularizer(nn.Linear(2, 1), grid="lsq")
+    with pytest.raises(ValueError):  # every layer must be quantized, not only the first
+        OscillationRegularizer(nn.Sequential(_layer([0.3]), nn.Linear(1, 1)), grid="lsq")
+    # two rows: the mean over all 4 weights (not a mean per kernel summed over kernels)
+    rows = _quantized(nn.Linear(2, 2, bias=False))
+    _fill(rows.weight, [[0.3, 1.2], [0.3, 1.2]])
+    _fill(rows.weight_quantizer.step, 1.0)
+    assert OscillationRegularizer(rows, grid="lsq").layer_term("").item() == pytest.approx(-0.065)
 
 
 def test_oscreg_statistics_by_hand():
@@ -682,7 +694,7 @@ def test_talr_paper_law_by_hand():
         rbar = 0.5 * rbar + 0.5 * 0.2 * [1.0, 0.5, 0.25][t]
         assert float(opt.K[GLOBAL]) == pytest.approx(K)
         assert float(opt.U[GLOBAL]) == pytest.approx(U)
-        assert float(opt.k[GLOBAL]) == pytest.approx(k)
+        assert float(opt.k[GLOBAL]) == k and opt.k[GLOBAL].dtype == torch.float64  # no float32
         assert opt.R[GLOBAL] == pytest.approx(0.2 * [1.0, 0.5, 0.25][t])
         assert opt.Rbar[GLOBAL] == pytest.approx(rbar)
         assert opt.t == t + 1
@@ -741,6 +753,14 @@ def test_talr_tracking_without_any_measured_gain():
         assert float(opt.A[GLOBAL]) == 0.0
     assert _talr(u0=0.2).u_max == pytest.approx(6.0)  # 30 x max(U_0, LR)
     assert _talr(u0=0.05).u_max == pytest.approx(3.0)
+    # a gain below 1: k 0.05 at U 0.1: a = 0.5, R_1 = 0.075 -> U_1 = 0.15 (inside [0.05, 0.2])
+    opt = _talr(lam=0.1, schedule=_schedule(1.0, 0.375, 1.0))
+    opt.observe({GLOBAL: 0.05})
+    assert float(opt.U[GLOBAL]) == pytest.approx(0.15)
+    # no gain yet at U_0 = 4 (> 1): U grows to c U = 8
+    opt = _talr(lam=0.1, u0=4.0, u_max=100.0, schedule=_schedule(1.0, 1.0))
+    opt.observe({GLOBAL: 0.0})
+    assert float(opt.U[GLOBAL]) == pytest.approx(8.0)
     # from U = 0 with a known gain, the upper bound is u_max, not c * 0
     opt = _talr(lam=0.1, u0=0.1, u_max=0.5, schedule=_schedule(1.0, 0.0, 5.0, 1.0))
     opt.observe({GLOBAL: 0.1})  # a = 1, R_1 = 0 -> U = 0
