@@ -833,6 +833,11 @@ def test_talr_r0_of_mixed_bit_widths():
 
 def test_talr_defaults_and_errors():
     opt = _talr(momentum=None, total_steps=1000)
+    # the state before any step: float64 tensors, U_0 = the LR, nothing measured yet
+    assert all(getattr(opt, n)[GLOBAL].dtype == torch.float64 for n in ("U", "K", "A", "W", "k"))
+    assert float(opt.U[GLOBAL]) == 0.1 and opt.device == torch.device("cpu")
+    assert opt.metrics() == {"talr_k": 0.0, "talr_K": 0.0, "talr_R": 0.01, "talr_Rbar": 0.0,
+                             "talr_U": 0.1}  # fmt: skip
     assert (opt.m, opt.controller, opt.max_change, opt.per_layer) == (0.95, "tracking", 2.0, False)
     assert opt.lam == 5e-3 and opt.R0 == pytest.approx({GLOBAL: 0.01})  # SGD: 5e-3 x sqrt(4)
     assert opt.u_start == pytest.approx(0.1) and opt.eta == pytest.approx(0.1)
@@ -842,6 +847,16 @@ def test_talr_defaults_and_errors():
     assert step.target(GLOBAL, 2) == pytest.approx(0.1)  # 0.2 x 0.5 from 2 / 8 on
     assert step.target(GLOBAL, 1) == pytest.approx(0.2)
     assert _talr(lr=0.0).lr_ref == 1.0  # an LR of 0 cannot be scaled from
+    layer = _layer([0.3, 1.2])
+    sgd = torch.optim.SGD([layer.weight], lr=0.1)
+    sgd.param_groups[0]["initial_lr"] = 0.2  # set by a loop's scheduler: the initial LR wins
+    scheduled = TALR(sgd, layer, 8)
+    assert (scheduled.lr_ref, scheduled.u_start, scheduled.eta) == (0.2, 0.2, 0.2)
+    pinned = _quantized(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), first_layer="8bit")
+    sgd = torch.optim.SGD(pinned.parameters(), lr=0.1)
+    assert TALR(sgd, pinned, 8).counter.layer_names == ["1"]
+    sgd = torch.optim.SGD(pinned.parameters(), lr=0.1)
+    assert TALR(sgd, pinned, 8, include_pinned=True).counter.layer_names == ["0", "1"]
     layer = _layer([0.3, 1.2])
     adam = TALR(torch.optim.Adam([layer.weight], lr=0.1), layer, 8)
     assert adam.lam == 2e-2
@@ -879,6 +894,10 @@ def test_talr_parameter_groups():
     created = split_groups(two, {"x": [], GLOBAL: [w]})
     assert [g["params"] for g in two.param_groups] == [[b], [], [w]]
     assert [g.get("talr") for g in two.param_groups] == [None, None, GLOBAL]
+    # a group added after the TALR groups is still searched
+    extra = nn.Parameter(torch.zeros(1))
+    two.add_param_group({"params": [extra]})
+    assert split_groups(two, {"e": [extra]})[0]["params"] == [extra]
     assert freeze_weight_steps(layer, [""]) == [layer.weight_quantizer.step]
     assert layer.weight_quantizer.step.requires_grad is False
 
