@@ -45,6 +45,12 @@ def test_kendall_tau_b_by_hand():
     # a pair tied in both counts in neither: x = [1, 1, 2], y = [5, 5, 6] -> 2 / sqrt(2 * 2)
     assert kendall_tau([1, 1, 2], [5, 5, 6]) == 1.0
     assert kendall_tau([1, 1, 2, 2], [1, 1, 3, 3]) == 1.0  # 4 concordant, 2 pairs tied in both
+    # a pair tied in both skips only itself: x = [1, 1, 0, 2], y = [1, 1, 5, 3]: (0,1) both,
+    # (0,2) D, (0,3) C, (1,2) D, (1,3) C, (2,3) D -> (2 - 3) / 5
+    assert kendall_tau([1, 1, 0, 2], [1, 1, 5, 3]) == pytest.approx(-0.2)
+    # several ties: x = [1, 1, 1, 2], y = [1, 2, 3, 4]: 3 pairs tied in x, 3 concordant
+    assert kendall_tau([1, 1, 1, 2], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(6 * 3))
+    assert kendall_tau([1, 2, 3, 4], [1, 1, 1, 2]) == pytest.approx(3 / math.sqrt(3 * 6))
     # undefined: fewer than 2 pairs, or a constant variable
     assert _nan(kendall_tau([1.0], [2.0])) and _nan(kendall_tau([], []))
     assert _nan(kendall_tau([1, 1, 1], [1, 2, 3])) and _nan(kendall_tau([1, 2, 3], [4, 4, 4]))
