@@ -173,6 +173,14 @@ def test_pac_bayes_bounds_options():
     huge = pac_bayes_bounds({"w": torch.full((1, 1), 1e-3)}, None, 1, sigma=1e5)
     assert huge["pacbayes_flatness"] == pytest.approx(1e-5)
     assert _nan(huge["pacbayes_orig"])  # 1e-6 / 4e10 + log(1e-5) + 10 < 0
+    # exactly 0 (w = 0, log(m / sigma) = -10) is not a bound either
+    zero = pac_bayes_bounds({"w": torch.zeros(1, 1)}, None, 1, sigma=1 / math.exp(-10))
+    assert _nan(zero["pacbayes_orig"])
+    # a large eps: num = eps^2 + (sigma'^2 + 1) ||w||^2 / omega, den = eps^2 + sigma'^2 w_i^2
+    big = pac_bayes_bounds(_W, None, 100, sigma_mag=1.0, eps=0.5)
+    num = 0.25 + 2.0 * 25 / 2
+    v = 0.25 * (math.log(num / (0.25 + 9)) + math.log(num / (0.25 + 16))) + math.log(100) + 10
+    assert big["pacbayes_mag_orig"] == pytest.approx(math.sqrt(v / 100), rel=1e-12)
     one = pac_bayes_bounds(_W, None, 1, sigma=0.5)
     assert one["pacbayes_flatness"] == pytest.approx(2.0)
     for bad in (0, -1, 2.0):
