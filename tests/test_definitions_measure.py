@@ -124,7 +124,7 @@ _W0 = {"w": torch.tensor([[0.0], [1.0]]), "b": torch.tensor([0.0])}
 
 def test_pac_bayes_bounds_by_hand():
     eps2 = 1e-6
-    out = pac_bayes_bounds(_W, _W0, 100, sigma=0.5, sigma_mag=1.0, alpha=0.25, alpha_mag=2.0)
+    out = pac_bayes_bounds(_W, _W0, 100, sigma=0.5, sigma_mag=2.0, alpha=0.25, alpha_mag=3.0)
 
     def root(v):
         return math.sqrt(v / 100)
@@ -142,26 +142,26 @@ def test_pac_bayes_bounds_by_hand():
         "pacbayes_flatness": root(1 / 0.25),
         "pacbayes_orig": root(25 / (4 * 0.25) + math.log(100 / 0.5) + 10),
         "pacbayes_init": root(18 / (4 * 0.25) + math.log(100 / 0.5) + 10),
-        "pacbayes_mag_flatness": root(1.0),
-        "pacbayes_mag_orig": root(mag(2.0, 1.0, 25)),
-        "pacbayes_mag_init": root(mag(2.0, 1.0, 18)),
+        "pacbayes_mag_flatness": root(1 / 4),
+        "pacbayes_mag_orig": root(mag(4 + 1, 2.0, 25)),
+        "pacbayes_mag_init": root(mag(4 + 1, 2.0, 18)),
         "sharpness_flatness": root(1 / 0.0625),
         "sharpness_orig": root(25 * log4 / (4 * 0.0625) + math.log(100 / 0.25) + 10),
         "sharpness_init": root(18 * log4 / (4 * 0.0625) + math.log(100 / 0.25) + 10),
-        "sharpness_mag_flatness": root(1 / 4),
-        "sharpness_mag_orig": root(mag(4 + 4 * log4, 2.0, 25)),
-        "sharpness_mag_init": root(mag(4 + 4 * log4, 2.0, 18)),
+        "sharpness_mag_flatness": root(1 / 9),
+        "sharpness_mag_orig": root(mag(9 + 4 * log4, 3.0, 25)),
+        "sharpness_mag_init": root(mag(9 + 4 * log4, 3.0, 18)),
     }
     assert out == pytest.approx(expected, rel=1e-9)
 
 
 def test_pac_bayes_bounds_options():
     # without init weights: no *_init keys, the magnitude-aware denominator takes w0 = 0
-    out = pac_bayes_bounds(_W, None, 100, sigma_mag=1.0)
-    num = 1e-6 + 2.0 * 25 / 2
-    v = 0.25 * (math.log(num / (1e-6 + 9)) + math.log(num / (1e-6 + 16))) + math.log(100) + 10
+    out = pac_bayes_bounds(_W, None, 100, sigma_mag=2.0)
+    num = 1e-6 + 5.0 * 25 / 2
+    v = 0.25 * (math.log(num / (1e-6 + 36)) + math.log(num / (1e-6 + 64))) + math.log(50) + 10
     assert out == pytest.approx(
-        {"pacbayes_mag_flatness": 0.1, "pacbayes_mag_orig": math.sqrt(v / 100)}
+        {"pacbayes_mag_flatness": 0.05, "pacbayes_mag_orig": math.sqrt(v / 100)}
     )
     # every tensor (weights_only=False): the bias joins, ||w||^2 = 26, omega = 3
     out = pac_bayes_bounds(_W, None, 100, alpha=0.5, weights_only=False)
@@ -169,7 +169,7 @@ def test_pac_bayes_bounds_options():
         math.sqrt((26 * math.log(6) / (4 * 0.25) + math.log(200) + 10) / 100)
     )
     # a radius of 0 or None gives no keys; a non-positive value is reported as NaN
-    assert pac_bayes_bounds(_W, _W0, 100, sigma=0.0, alpha=None, sigma_mag=0.0, alpha_mag=0.0) == {}
+    assert pac_bayes_bounds(_W, _W0, 100, sigma=0.0, alpha=0.0, sigma_mag=0.0, alpha_mag=0.0) == {}
     huge = pac_bayes_bounds({"w": torch.full((1, 1), 1e-3)}, None, 1, sigma=1e5)
     assert huge["pacbayes_flatness"] == pytest.approx(1e-5)
     assert _nan(huge["pacbayes_orig"])  # 1e-6 / 4e10 + log(1e-5) + 10 < 0
@@ -177,9 +177,9 @@ def test_pac_bayes_bounds_options():
     zero = pac_bayes_bounds({"w": torch.zeros(1, 1)}, None, 1, sigma=1 / math.exp(-10))
     assert _nan(zero["pacbayes_orig"])
     # a large eps: num = eps^2 + (sigma'^2 + 1) ||w||^2 / omega, den = eps^2 + sigma'^2 w_i^2
-    big = pac_bayes_bounds(_W, None, 100, sigma_mag=1.0, eps=0.5)
-    num = 0.25 + 2.0 * 25 / 2
-    v = 0.25 * (math.log(num / (0.25 + 9)) + math.log(num / (0.25 + 16))) + math.log(100) + 10
+    big = pac_bayes_bounds(_W, None, 100, sigma_mag=2.0, eps=0.5)
+    num = 0.25 + 5.0 * 25 / 2
+    v = 0.25 * (math.log(num / (0.25 + 36)) + math.log(num / (0.25 + 64))) + math.log(50) + 10
     assert big["pacbayes_mag_orig"] == pytest.approx(math.sqrt(v / 100), rel=1e-12)
     one = pac_bayes_bounds(_W, None, 1, sigma=0.5)
     assert one["pacbayes_flatness"] == pytest.approx(2.0)
