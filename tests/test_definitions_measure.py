@@ -17,6 +17,7 @@ from qatlab.measure.flatness import (
     _SEED_BASE,
     _bisect,
     _generator,
+    _normal,
     draw_noise,
     noise_std,
     pac_bayes_bounds,
@@ -102,6 +103,9 @@ def test_noise_std_and_draws_by_hand():
     assert d["a"].item() == pytest.approx(z[0].item() * 1e-3)
     half = draw_noise({"a": torch.ones(2, dtype=torch.float64)}, 1.0)["a"]
     assert half.dtype == torch.float64
+    # the normals are drawn in float32 (the same numbers whatever the weights' dtype)
+    z64 = _normal(torch.ones(2, dtype=torch.float64), torch.Generator().manual_seed(3))
+    assert z64.dtype == torch.float64 and z64.tolist() == z.tolist()
 
 
 def test_noise_streams_are_seeded_by_formula():
@@ -113,6 +117,8 @@ def test_noise_streams_are_seeded_by_formula():
     )
     big = _generator(0, 1 << 50, 1 << 50).initial_seed()
     assert big == (10348628753 + (1 << 50) * 7919 + (1 << 50) * 7919**2) % (1 << 62)
+    s = 123456789123456789  # its sum is different mod 2^62, 2^63 and 2^64
+    assert _generator(0, s).initial_seed() == (10348628753 + s * 7919) % (1 << 62)
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -170,6 +176,9 @@ def test_pac_bayes_bounds_options():
     )
     # a radius of 0 or None gives no keys; a non-positive value is reported as NaN
     assert pac_bayes_bounds(_W, _W0, 100, sigma=0.0, alpha=0.0, sigma_mag=0.0, alpha_mag=0.0) == {}
+    # a radius below 1 is reported like any positive one
+    small = pac_bayes_bounds(_W, None, 100, alpha_mag=0.5)
+    assert small["sharpness_mag_flatness"] == pytest.approx(math.sqrt(4 / 100))
     huge = pac_bayes_bounds({"w": torch.full((1, 1), 1e-3)}, None, 1, sigma=1e5)
     assert huge["pacbayes_flatness"] == pytest.approx(1e-5)
     assert _nan(huge["pacbayes_orig"])  # 1e-6 / 4e10 + log(1e-5) + 10 < 0
