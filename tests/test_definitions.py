@@ -632,6 +632,16 @@ def test_mse_step_matches_the_search_written_out():
     )
 
 
+def test_mse_step_searches_no_step_beyond_max_abs():
+    # x = 7 and 1.01 k (k = 1..6, ten times each). A step 1.01 (T = 1.01 max|x|) would fit the
+    # 60 values exactly (error only at 7: (7.07 - 7)^2 = 0.0049), but the search is over
+    # (0, max|x|]: the best there is T = max|x|, s = 1, error 10 * 0.01^2 * (1 + 4 + ... + 36)
+    # = 0.091 (s = 0.99 already costs 0.369)
+    x = torch.tensor([7.0] + [1.01 * k for k in range(1, 7)] * 10)
+    assert float(static_step(x, "mse", -8, 7)) == pytest.approx(1.0)
+    assert _mse_reference(x, -8, 7) == pytest.approx(1.0)
+
+
 def test_percentile_and_maxabs_steps():
     x = torch.arange(0.0, 101.0)  # |x| quantile q = q (linear interpolation)
     assert float(static_step(x, "percentile", 0, 15, percentile=50.0)) == pytest.approx(50 / 15)

@@ -1,0 +1,201 @@
+"""The measures' formulas pinned on hand-made input: Kendall's tau, the flatness bisection,
+the noise of the PAC-Bayes search and the bounds built from the radii.
+
+Same rules as ``tests/test_definitions.py`` (expected values worked out by hand); these are the
+tests ``make mutants`` runs for ``qatlab/measure`` (docs/results/mutation.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qatlab.errors import ConfigError
+from qatlab.measure.flatness import (
+    _SEED_BASE,
+    _bisect,
+    _generator,
+    _normal,
+    draw_noise,
+    noise_std,
+    pac_bayes_bounds,
+)
+from qatlab.measure.stats import kendall_tau
+
+
+def _nan(v: float) -> bool:
+    return v != v
+
+
+# ----------------------------------------------------------------------------- Kendall's tau
+def test_kendall_tau_b_by_hand():
+    # one swapped pair of 6: C 5, D 1 -> 4 / 6
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert kendall_tau([4, 3, 2, 1], [1, 3, 2, 4]) == pytest.approx(-4 / 6)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau([1.0, 2.5], [0.1, 0.2]) == 1.0
+    # ties: x = [1, 1, 2, 3], y = [1, 2, 3, 5]: pair (0, 1) tied in x only, 5 concordant:
+    # tau_b = 5 / sqrt((5 + 0 + 1) (5 + 0 + 0))
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 5]) == pytest.approx(5 / math.sqrt(30))
+    assert kendall_tau([1, 2, 3, 5], [1, 1, 2, 3]) == pytest.approx(5 / math.sqrt(30))
+    # a tie in x and one in y, one discordant: x = [1, 1, 2, 3], y = [2, 3, 3, 1]
+    # pairs: (0,1) tie x; (0,2) C; (0,3) D; (1,2) tie y; (1,3) D; (2,3) D -> C 1, D 3
+    assert kendall_tau([1, 1, 2, 3], [2, 3, 3, 1]) == pytest.approx(-2 / math.sqrt(5 * 5))
+    # a pair tied in both counts in neither: x = [1, 1, 2], y = [5, 5, 6] -> 2 / sqrt(2 * 2)
+    assert kendall_tau([1, 1, 2], [5, 5, 6]) == 1.0
+    assert kendall_tau([1, 1, 2, 2], [1, 1, 3, 3]) == 1.0  # 4 concordant, 2 pairs tied in both
+    # a pair tied in both skips only itself: x = [1, 1, 0, 2], y = [1, 1, 5, 3]: (0,1) both,
+    # (0,2) D, (0,3) C, (1,2) D, (1,3) C, (2,3) D -> (2 - 3) / 5
+    assert kendall_tau([1, 1, 0, 2], [1, 1, 5, 3]) == pytest.approx(-0.2)
+    # several ties: x = [1, 1, 1, 2], y = [1, 2, 3, 4]: 3 pairs tied in x, 3 concordant
+    assert kendall_tau([1, 1, 1, 2], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(6 * 3))
+    assert kendall_tau([1, 2, 3, 4], [1, 1, 1, 2]) == pytest.approx(3 / math.sqrt(3 * 6))
+    # undefined: fewer than 2 pairs, or a constant variable
+    assert _nan(kendall_tau([1.0], [2.0])) and _nan(kendall_tau([], []))
+    assert _nan(kendall_tau([1, 1, 1], [1, 2, 3])) and _nan(kendall_tau([1, 2, 3], [4, 4, 4]))
+    with pytest.raises(ValueError):
+        kendall_tau([1, 2], [1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- bisection
+def test_bisect_by_hand():
+    # drop(r) = r, target 0.3, tol 0.01 on [0, 2]: midpoints 1 (> .3: hi), .5 (hi), .25 (lo),
+    # .375 (hi), .3125 (|.0125| >= tol: hi), .28125 (lo), .296875 (|-.003125| < tol: stop)
+    seen = []
+    radius, drop, evals = _bisect(
+        lambda r: r, 0.3, 0.01, 15, 2.0, lambda k, total, info: seen.append((k, total, info)), "x"
+    )
+    assert (radius, drop, evals) == (0.296875, 0.296875, 7)
+    mids = [1.0, 0.5, 0.25, 0.375, 0.3125, 0.28125, 0.296875]
+    assert seen == [(k, 15, {"radius": r, "drop": r}) for k, r in enumerate(mids)]
+    # out of steps: the last midpoint
+    assert _bisect(lambda r: r, 0.3, 0.01, 3, 2.0, False, "x") == (0.25, 0.25, 3)
+    # a drop exactly at the target stops at once; a drop always above it halves towards 0
+    assert _bisect(lambda r: 0.3, 0.3, 0.01, 15, 2.0, False, "x") == (1.0, 0.3, 1)
+    assert _bisect(lambda r: 1.0, 0.3, 0.01, 4, 2.0, False, "x") == (0.125, 1.0, 4)
+    assert _bisect(lambda r: 0.0, 0.3, 0.01, 2, 2.0, False, "x") == (1.5, 0.0, 2)
+    # tol is strict: |drop - target| = tol does not stop
+    assert _bisect(lambda r: 0.25, 0.5, 0.25, 2, 2.0, False, "x")[2] == 2
+
+
+# ----------------------------------------------------------------------------- noise
+def test_noise_std_and_draws_by_hand():
+    w = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[-4.0]])}
+    # magnitude-aware: sqrt(sigma^2 w^2 + eps^2), sigma 0.5, eps 2: [sqrt(2.25 + 4), 2], sqrt(8)
+    std = noise_std(w, 0.5, magnitude_aware=True, eps=2.0)
+    assert std["a"].tolist() == pytest.approx([2.5, 2.0])
+    assert std["b"].tolist() == [[pytest.approx(math.sqrt(8.0))]]
+    plain = noise_std(w, 0.5)
+    assert plain["a"].tolist() == [0.5, 0.5] and plain["b"].tolist() == [[0.5]]
+    assert noise_std({"c": torch.ones(1)}, 0.0, magnitude_aware=True)["c"].item() == (
+        pytest.approx(1e-3)
+    )  # default eps
+    z = torch.randn(2, generator=torch.Generator().manual_seed(3))
+    d = draw_noise({"a": w["a"]}, 0.5, magnitude_aware=True, eps=2.0,
+                   generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert d["a"].tolist() == pytest.approx((z * torch.tensor([2.5, 2.0])).tolist())
+    d = draw_noise({"a": w["a"]}, 0.5, generator=torch.Generator().manual_seed(3))
+    assert d["a"].tolist() == pytest.approx((z * 0.5).tolist())
+    d = draw_noise({"a": torch.ones(1)}, 0.0, magnitude_aware=True,
+                   generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert d["a"].item() == pytest.approx(z[0].item() * 1e-3)
+    half = draw_noise({"a": torch.ones(2, dtype=torch.float64)}, 1.0)["a"]
+    assert half.dtype == torch.float64
+    # the normals are drawn in float32 (the same numbers whatever the weights' dtype)
+    z64 = _normal(torch.ones(2, dtype=torch.float64), torch.Generator().manual_seed(3))
+    assert z64.dtype == torch.float64 and z64.tolist() == z.tolist()
+
+
+def test_noise_streams_are_seeded_by_formula():
+    # seed: SEED_BASE + 1000003 seed + sum_i s_i 7919^(i+1), mod 2^62
+    assert _SEED_BASE == 10348628753
+    assert _generator(0).initial_seed() == 10348628753
+    assert (
+        _generator(2, 3, 4).initial_seed() == 10348628753 + 2 * 1_000_003 + 3 * 7919 + 4 * 7919**2
+    )
+    big = _generator(0, 1 << 50, 1 << 50).initial_seed()
+    assert big == (10348628753 + (1 << 50) * 7919 + (1 << 50) * 7919**2) % (1 << 62)
+    s = 123456789123456789  # its sum is different mod 2^62, 2^63 and 2^64
+    assert _generator(0, s).initial_seed() == (10348628753 + s * 7919) % (1 << 62)
+
+
+# ----------------------------------------------------------------------------- bounds
+# w = [[3], [4]] (||w||^2 = 25), w0 = [[0], [1]] (w - w0 = [3, 3], ||.||^2 = 18), omega = 2;
+# a bias [1] is left out (weights_only); m = 100 training samples.
+_W = {"w": torch.tensor([[3.0], [4.0]]), "b": torch.tensor([1.0])}
+_W0 = {"w": torch.tensor([[0.0], [1.0]]), "b": torch.tensor([0.0])}
+
+
+def test_pac_bayes_bounds_by_hand():
+    eps2 = 1e-6
+    out = pac_bayes_bounds(_W, _W0, 100, sigma=0.5, sigma_mag=2.0, alpha=0.25, alpha_mag=3.0)
+
+    def root(v):
+        return math.sqrt(v / 100)
+
+    log4 = math.log(4.0)  # log(2 omega)
+
+    # 1/4 sum_i log((eps^2 + coef ||.||^2 / omega) / (eps^2 + r^2 (w_i - w0_i)^2)): both terms
+    # of the sum are equal here (w - w0 = [3, 3])
+    def mag(coef, r, norm2):
+        return (
+            0.5 * math.log((eps2 + coef * norm2 / 2) / (eps2 + r * r * 9)) + math.log(100 / r) + 10
+        )
+
+    expected = {
+        "pacbayes_flatness": root(1 / 0.25),
+        "pacbayes_orig": root(25 / (4 * 0.25) + math.log(100 / 0.5) + 10),
+        "pacbayes_init": root(18 / (4 * 0.25) + math.log(100 / 0.5) + 10),
+        "pacbayes_mag_flatness": root(1 / 4),
+        "pacbayes_mag_orig": root(mag(4 + 1, 2.0, 25)),
+        "pacbayes_mag_init": root(mag(4 + 1, 2.0, 18)),
+        "sharpness_flatness": root(1 / 0.0625),
+        "sharpness_orig": root(25 * log4 / (4 * 0.0625) + math.log(100 / 0.25) + 10),
+        "sharpness_init": root(18 * log4 / (4 * 0.0625) + math.log(100 / 0.25) + 10),
+        "sharpness_mag_flatness": root(1 / 9),
+        "sharpness_mag_orig": root(mag(9 + 4 * log4, 3.0, 25)),
+        "sharpness_mag_init": root(mag(9 + 4 * log4, 3.0, 18)),
+    }
+    assert out == pytest.approx(expected, rel=1e-9)
+
+
+def test_pac_bayes_bounds_options():
+    # without init weights: no *_init keys, the magnitude-aware denominator takes w0 = 0
+    out = pac_bayes_bounds(_W, None, 100, sigma_mag=2.0)
+    num = 1e-6 + 5.0 * 25 / 2
+    v = 0.25 * (math.log(num / (1e-6 + 36)) + math.log(num / (1e-6 + 64))) + math.log(50) + 10
+    assert out == pytest.approx(
+        {"pacbayes_mag_flatness": 0.05, "pacbayes_mag_orig": math.sqrt(v / 100)}
+    )
+    # every tensor (weights_only=False): the bias joins, ||w||^2 = 26, omega = 3
+    out = pac_bayes_bounds(_W, None, 100, alpha=0.5, weights_only=False)
+    assert out["sharpness_orig"] == pytest.approx(
+        math.sqrt((26 * math.log(6) / (4 * 0.25) + math.log(200) + 10) / 100)
+    )
+    # a radius of 0 or None gives no keys; a non-positive value is reported as NaN
+    assert pac_bayes_bounds(_W, _W0, 100, sigma=0.0, alpha=0.0, sigma_mag=0.0, alpha_mag=0.0) == {}
+    # a radius below 1 is reported like any positive one
+    small = pac_bayes_bounds(_W, None, 100, alpha_mag=0.5)
+    assert small["sharpness_mag_flatness"] == pytest.approx(math.sqrt(4 / 100))
+    huge = pac_bayes_bounds({"w": torch.full((1, 1), 1e-3)}, None, 1, sigma=1e5)
+    assert huge["pacbayes_flatness"] == pytest.approx(1e-5)
+    assert _nan(huge["pacbayes_orig"])  # 1e-6 / 4e10 + log(1e-5) + 10 < 0
+    # exactly 0 (w = 0, log(m / sigma) = -10) is not a bound either
+    zero = pac_bayes_bounds({"w": torch.zeros(1, 1)}, None, 1, sigma=1 / math.exp(-10))
+    assert _nan(zero["pacbayes_orig"])
+    # a large eps: num = eps^2 + (sigma'^2 + 1) ||w||^2 / omega, den = eps^2 + sigma'^2 w_i^2
+    big = pac_bayes_bounds(_W, None, 100, sigma_mag=2.0, eps=0.5)
+    num = 0.25 + 5.0 * 25 / 2
+    v = 0.25 * (math.log(num / (0.25 + 36)) + math.log(num / (0.25 + 64))) + math.log(50) + 10
+    assert big["pacbayes_mag_orig"] == pytest.approx(math.sqrt(v / 100), rel=1e-12)
+    one = pac_bayes_bounds(_W, None, 1, sigma=0.5)
+    assert one["pacbayes_flatness"] == pytest.approx(2.0)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ConfigError):
+            pac_bayes_bounds(_W, None, bad, sigma=0.5)
+    with pytest.raises(ConfigError):
+        pac_bayes_bounds({"b": torch.ones(2)}, None, 10, sigma=0.5)
+    with pytest.raises(ConfigError):
+        pac_bayes_bounds(_W, {"b": torch.ones(1)}, 10, sigma=0.5)
