@@ -7,6 +7,7 @@ The integer view ``clamp(round(x / s), n, p)`` is computed here and nowhere else
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,21 +53,37 @@ class _FakeQuant(torch.autograd.Function):
     slower on CPU, and every fresh large buffer costs page faults, so the work is a few
     vectorised in-place passes.
 
-    Per tensor on CPU, backward reads the saved output ``out = s * levels`` (the next layer's
-    input, which that layer saves anyway: no extra memory): ``sum g*levels = <g, out> / s`` and
-    the in-range test is ``(n - 0.5) s < x < (p + 0.5) s``, so backward is one
+    Per tensor on CPU, the step is read once as a Python number (no device sync on the CPU)
+    and backward reads the saved output ``out = s * levels`` (the next layer's input, which
+    that layer saves anyway: no extra memory): ``sum g*levels = <g, out> / s`` and the
+    in-range test is ``(n - 0.5) s < x < (p + 0.5) s``, so backward is one
     ``hardtanh_backward`` and two dot products. Elsewhere (per channel, or on an accelerator,
     where ``float(step)`` would be a host sync) it recomputes ``x / s`` from ``x``.
+
+    ``floor`` (optional sixth input) clamps the step to at least ``floor`` inside, with the
+    gradient of ``step.clamp_min(floor)`` (none where ``step < floor``): the quantizer's
+    ``1e-8`` guard without a separate autograd node per call.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, step: Tensor, n: int, p: int, grad_scale: float) -> Tensor:
-        s = _broadcast(step, x)
+    def forward(ctx, x: Tensor, step: Tensor, n: int, p: int, grad_scale: float, floor=None):
+        ctx.n, ctx.p, ctx.grad_scale, ctx.nargs = n, p, grad_scale, 5 if floor is None else 6
+        ctx.floor = floor
+        if step.dim() == 0 and x.device.type == "cpu":
+            s, ctx.held = _cpu_step(step, floor)
+            # x * fl32(1/s) and * s in float32, as with a 0-dim float tensor (bitwise equal:
+            # 1/s rounded to double, then to float32, is 1/s rounded to float32)
+            out = torch.mul(x, 1.0 / s if s != 0 else math.copysign(math.inf, s))
+            out.round_().clamp_(float(n), float(p)).mul_(s)
+            ctx.s = s
+            ctx.save_for_backward(x, step, out)
+            return out
+        ctx.s = None
+        clamped = step if floor is None else step.clamp_min(floor)
+        s = _broadcast(clamped, x)
         out = torch.mul(x, s.reciprocal())
         out.round_().clamp_(float(n), float(p)).mul_(s)
-        ctx.from_out = step.dim() == 0 and x.device.type == "cpu"
-        ctx.save_for_backward(x, step, out if ctx.from_out else None)
-        ctx.n, ctx.p, ctx.grad_scale = n, p, grad_scale
+        ctx.save_for_backward(x, step, None)
         return out
 
     @staticmethod
@@ -74,15 +91,21 @@ class _FakeQuant(torch.autograd.Function):
         x, step, out = ctx.saved_tensors
         n, p = ctx.n, ctx.p
         grad_step = None
-        if ctx.from_out:
-            s = float(step)
+        tail = (None,) * (ctx.nargs - 2)
+        s = ctx.s
+        if s is not None:
+            step_grad = ctx.needs_input_grad[1] and not ctx.held
+            # <g, out> first: the next layer's backward has just read ``out`` and written ``g``
+            outer = torch.dot(grad.reshape(-1), out.reshape(-1)) if step_grad else None
             grad_x = torch.ops.aten.hardtanh_backward(grad, x, (n - 0.5) * s, (p + 0.5) * s)
-            if ctx.needs_input_grad[1]:
-                g = grad.reshape(-1)
+            if step_grad:
                 inner = torch.dot(grad_x.reshape(-1), x.reshape(-1))
-                grad_step = (torch.dot(g, out.reshape(-1)) - inner) * (ctx.grad_scale / s)
-            return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
-        s = _broadcast(step, x)
+                grad_step = outer.sub_(inner).mul_(ctx.grad_scale / s)
+            elif ctx.needs_input_grad[1]:
+                grad_step = torch.zeros_like(step)  # clamp_min's gradient below the floor
+            return (grad_x if ctx.needs_input_grad[0] else None), grad_step, *tail
+        floor = ctx.floor
+        s = _broadcast(step if floor is None else step.clamp_min(floor), x)
         scaled = torch.mul(x, s.reciprocal())
         # inside <=> n <= round(x/s) <= p <=> n - 0.5 < x/s < p + 0.5 (exact ties aside)
         grad_x = torch.ops.aten.hardtanh_backward(grad, scaled, n - 0.5, p + 0.5)
@@ -98,7 +121,24 @@ class _FakeQuant(torch.autograd.Function):
                 levels = scaled.round_().clamp_(float(n), float(p))
                 grad_step = (grad * levels).reshape(rows, -1).sum(1) - inner
             grad_step = grad_step * ctx.grad_scale
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+            if floor is not None:  # as clamp_min's backward: no gradient below the floor
+                grad_step = torch.where(step >= floor, grad_step, 0.0)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_step, *tail
+
+
+def _cpu_step(step: Tensor, floor: float | None) -> tuple[float, bool]:
+    """A CPU step as a Python number (no device sync on the CPU), clamped to ``floor`` as
+    ``clamp_min`` does, and whether the clamp holds it (then it gets no gradient; NaN too)."""
+    s = float(step)
+    if floor is None or s >= _f32(floor):
+        return s, False
+    return (s if s != s else _f32(floor)), True
+
+
+@functools.cache
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, as a float32 tensor op (clamp_min, >=) sees a Python scalar."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 class _FakeQuantTraceable(torch.autograd.Function):
@@ -145,16 +185,23 @@ def _broadcast(step: Tensor, x: Tensor) -> Tensor:
     return step if step.dim() == 0 else step.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def fake_quantize(x: Tensor, step: Tensor, n: int, p: int, grad_scale: float = 1.0) -> Tensor:
+def fake_quantize(
+    x: Tensor, step: Tensor, n: int, p: int, grad_scale: float = 1.0, floor: float | None = None
+) -> Tensor:
     """``step * clamp(round(x / step), n, p)``; per channel (axis 0) when ``step`` is 1-D.
 
     LSQ's gradients for ``x`` and ``step`` (the latter times ``grad_scale``). Under
     ``torch.compile`` a traceable form the compiler can fuse; eagerly a hand-tuned kernel;
-    both give the same values and gradients (float32 rounding aside).
+    both give the same values and gradients (float32 rounding aside). ``floor``: use
+    ``step.clamp_min(floor)`` (and its gradient) in place of ``step``.
     """
     if torch.compiler.is_compiling():
+        if floor is not None:
+            step = step.clamp_min(floor)
         return _FakeQuantTraceable.apply(x, step, n, p, grad_scale)
-    return _FakeQuant.apply(x, step, n, p, grad_scale)
+    if floor is None:
+        return _FakeQuant.apply(x, step, n, p, grad_scale)
+    return _FakeQuant.apply(x, step, n, p, grad_scale, floor)
 
 
 def _channel_view(x: Tensor, per_channel: bool) -> Tensor:
@@ -295,7 +342,8 @@ class Quantizer(nn.Module):
             return x
         if self._ready is None:  # just loaded from a state dict
             self._ready = bool(self.initialized)
-        if self.policy not in DYNAMIC_POLICIES and not self._ready:
+        policy = self.policy
+        if not self._ready and policy not in DYNAMIC_POLICIES:
             if not self.training and self.role != "weight":
                 # evaluation data (maybe the test set) must never pick a step size
                 raise ConfigError(
@@ -305,12 +353,16 @@ class Quantizer(nn.Module):
                 )
             self.initialize(x)
         n, p = self.grid_range
-        step = self.current_step(x, grad=self.policy == "maxabs_ste")
-        if self.policy == "lsq+":
-            return fake_quantize(x - self.offset, step, n, p, self._grad_scale(x, p)) + self.offset
-        lsq = self.policy == "lsq" and step.requires_grad
-        grad_scale = self._grad_scale(x, p) if lsq else 1.0
-        return fake_quantize(x, step, n, p, grad_scale)
+        if policy in DYNAMIC_POLICIES:
+            step = self.current_step(x, grad=policy == "maxabs_ste")
+            return fake_quantize(x, step, n, p)
+        # the step clamped to >= 1e-8 (current_step) inside the kernel: one autograd node
+        step = self.step
+        if policy == "lsq+":
+            scale = self._grad_scale(x, p)
+            return fake_quantize(x - self.offset, step, n, p, scale, _EPS) + self.offset
+        scale = self._grad_scale(x, p) if policy == "lsq" and step.requires_grad else 1.0
+        return fake_quantize(x, step, n, p, scale, _EPS)
 
     def current_step(self, x: Tensor | None = None, grad: bool = False) -> Tensor:
         """The step size in use (max-abs policies compute it from ``x``; never below 1e-8).
@@ -336,7 +388,7 @@ class Quantizer(nn.Module):
         if self.role == "weight":
             count = x.numel() // self.step.numel()
         else:
-            count = x[0].numel() if x.dim() > 1 else x.numel()
+            count = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()
         return 1.0 / math.sqrt(max(count, 1) * p)
 
     def broadcast_step(self, x: Tensor) -> Tensor:
