@@ -158,7 +158,7 @@ class SyncCounter:
     # per-tensor step (its fast path, taken only for CPU tensors) and the step-size guard's
     # per-step check (on an accelerator it reads its hits every ACCEL_CHECK_EVERY steps; the
     # meta-device test above runs that path and would raise on any read)
-    CPU_ONLY = {("quantizer.py", "_cpu_step"), ("guard.py", "_check")}
+    CPU_ONLY = {("quantizer.py", "_cpu_step"), ("guard.py", "_check_all"), ("guard.py", "_check")}
 
     def _record(self, name: str) -> None:
         caller = sys._getframe(2)
