@@ -63,3 +63,24 @@ def pretend_torchrun(rank: int, port: int, world_size: int = 2) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
+
+
+class InlineBackend:
+    """A ``run_grid`` backend running cells in this process, in submission order (no spawning,
+    so a measure or method registered by the test is known)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.results: dict[int, dict] = {}
+
+    def submit(self, cell, cells_dir):
+        from qatlab.compare.engine import run_cell
+
+        handle = len(self.results)
+        self.results[handle] = run_cell(cell.to_dict(), cells_dir)
+        return handle
+
+    def wait(self, handles, timeout):
+        return [(h, self.results[h]) for h in handles]
+
+    def close(self) -> None:
+        pass

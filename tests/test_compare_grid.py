@@ -9,31 +9,14 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import InlineBackend
 
 from qatlab.cli import main
-from qatlab.compare.engine import run_cell, run_grid
+from qatlab.compare.engine import run_grid
 from qatlab.compare.report import build_report
 from qatlab.compare.spec import expand, resolve, select_values
 from qatlab.errors import ConfigError
 from qatlab.train.metrics import read_jsonl
-
-
-class _Inline:
-    """A backend running cells in this process, in submission order (fast, no spawning)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.results: dict[int, dict] = {}
-
-    def submit(self, cell, cells_dir):
-        handle = len(self.results)
-        self.results[handle] = run_cell(cell.to_dict(), cells_dir)
-        return handle
-
-    def wait(self, handles, timeout):
-        return [(h, self.results[h]) for h in handles]
-
-    def close(self) -> None:
-        pass
 
 
 def _doc(data: dict, **extra) -> dict:
@@ -50,7 +33,7 @@ def _doc(data: dict, **extra) -> dict:
 
 
 def _run(grid, out: Path) -> dict:
-    return run_grid(grid, out, workers=1, progress=False, make_backend=_Inline)
+    return run_grid(grid, out, workers=1, progress=False, make_backend=InlineBackend)
 
 
 def _events(out: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import InlineBackend, train_args
 
 from qatlab.cli import main
 from qatlab.measure import registry
@@ -16,32 +17,9 @@ from qatlab.measure.registry import Column, Section, register_measure
 
 
 def _train(out: Path, data: dict, name: str, *extra: str) -> Path:
-    code = main(
-        [
-            "train",
-            "--out-dir",
-            str(out),
-            "--name",
-            name,
-            "--dataset",
-            "mnist1d",
-            "--num-samples",
-            str(data["num_samples"]),
-            "--model",
-            "cnn1d",
-            "--epochs",
-            "4",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "64",
-            "--quiet",
-            "--set",
-            f"data.cache_dir={data['cache_dir']}",
-            *extra,
-        ]
-    )
-    assert code == 0
+    """A cnn1d trained 4 epochs (the measures need a model that has learned something)."""
+    cnn = ["--model", "cnn1d", "--epochs", "4", "--lr", "3e-3", "--batch-size", "64"]
+    assert main(train_args(out, name, data, *cnn, *extra)) == 0
     return out / name
 
 
@@ -80,26 +58,6 @@ def dummy_measure():
     registry.SECTIONS.update(before[2])
 
 
-class _Inline:
-    """A backend running cells in this process (so a measure registered here is known)."""
-
-    def __init__(self, *args) -> None:
-        self.results: dict[int, dict] = {}
-
-    def submit(self, cell, cells_dir):
-        from qatlab.compare.engine import run_cell
-
-        handle = len(self.results)
-        self.results[handle] = run_cell(cell.to_dict(), cells_dir)
-        return handle
-
-    def wait(self, handles, timeout):
-        return [(h, self.results[h]) for h in handles]
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_registered_measure_reaches_the_report_with_no_edit_in_compare(
     tmp_path, tiny_data_config, dummy_measure
 ):
@@ -121,7 +79,7 @@ def test_a_registered_measure_reaches_the_report_with_no_edit_in_compare(
         }
     )
     out = tmp_path / "cmp"
-    counts = run_grid(grid, out, workers=1, progress=False, make_backend=_Inline)
+    counts = run_grid(grid, out, workers=1, progress=False, make_backend=InlineBackend)
     assert counts == {"done": 4, "failed": 0, "ran": 4}
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
     for row in rows:  # the measure's number, computed independently from the cell's best.pt
