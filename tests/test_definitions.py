@@ -846,3 +846,55 @@ def test_last_edges():
         layer(torch.ones(1, 1))
     release(kept)
     release(kept)  # twice: nothing left to drop, no error
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_floor_inside_the_kernel_is_clamp_min_before_it(per_channel):
+    """``fake_quantize(..., floor=f)`` (the quantizer's 1e-8 guard inside the LSQ kernel) gives
+    the values and gradients of ``clamp_min(step, f)`` followed by the kernel: a step below the
+    floor quantizes with the floor and gets no gradient (clamp_min's rule), one above is
+    untouched. x = [-1.2, 0.3, 0.9, 2.0] per row, 3 bits signed (n=-4, p=3), floor 0.25."""
+    x = torch.tensor([[-1.2, 0.3, 0.9, 2.0], [0.1, -0.6, 0.7, 1.4]], requires_grad=True)
+    steps = [0.5, 0.1] if per_channel else [0.1]  # 0.1 is held at the floor 0.25
+    step = torch.tensor(steps if per_channel else steps[0])  # per channel: one step per row
+    step.requires_grad_(True)
+    g = torch.tensor([[1.0, -2.0, 0.5, 3.0], [2.0, 1.0, -1.0, 0.5]])
+    out = fake_quantize(x, step, -4, 3, grad_scale=0.5, floor=0.25)
+    (out * g).sum().backward()
+    # by hand, floor held: s = 0.25 -> round(x/s) clamped to [-4, 3] times s
+    row_held = [-1.0, 0.25, 0.75, 0.75] if not per_channel else None
+    if per_channel:  # row 0 at s = 0.5: [-1.0, 0.5, 1.0, 1.5]; row 1 held at 0.25
+        assert out.tolist()[0] == [-1.0, 0.5, 1.0, 1.5]
+        assert out.tolist()[1] == pytest.approx([0.0, -0.5, 0.75, 0.75])
+        # row 0's LSQ step gradient: sum g*(q - x/s) inside, g*q outside, times grad_scale
+        # x/s = [-2.4, 0.6, 1.8, 4.0] -> q = [-2, 1, 2, 3]; inside: first three
+        expected = 0.5 * (1.0 * 0.4 + -2.0 * 0.4 + 0.5 * 0.2 + 3.0 * 3)
+        assert step.grad[0].item() == pytest.approx(expected)
+        assert step.grad[1].item() == 0.0  # below the floor: clamp_min passes nothing
+    else:
+        assert out.tolist()[0] == pytest.approx(row_held)
+        assert step.grad.item() == 0.0
+    # the input gradient: g inside the clipping range of the step in use, else 0
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_step = step.detach().clone().requires_grad_(True)
+    ref = fake_quantize(ref_x, ref_step.clamp_min(0.25), -4, 3, grad_scale=0.5)
+    (ref * g).sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_x.grad)
+    assert torch.equal(step.grad, ref_step.grad)
+
+
+def test_floor_leaves_a_step_above_it_alone():
+    """Per tensor on the CPU fast path, a step above the floor: values and both gradients are
+    the unfloored kernel's, bit for bit."""
+    x = torch.tensor([-1.2, 0.3, 0.9, 2.0, -0.1], requires_grad=True)
+    g = torch.tensor([1.0, -2.0, 0.5, 3.0, 2.0])
+    grads = []
+    for floor in (0.25, None):
+        x.grad = None
+        step = torch.tensor(0.5, requires_grad=True)
+        out = fake_quantize(x, step, -4, 3, grad_scale=0.5, floor=floor)
+        (out * g).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), step.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    # x/s = [-2.4, 0.6, 1.8, 4.0, -0.2]: q = [-2, 1, 2, 3, 0]; 0.5 * (0.4 - 0.8 + 0.1 + 9 + 0.4)
+    assert grads[0][2].item() == pytest.approx(0.5 * 9.1)
