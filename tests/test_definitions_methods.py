@@ -955,7 +955,7 @@ def test_talr_hook_logs_every_log_every_steps():
                     u_max=0.2, controller="paper", eta=0.2, schedule="step",
                     milestones=(0.25,), gamma=0.5)  # fmt: skip
     assert hook.frozen == [layer.weight_quantizer.step]
-    assert hook.after_step(layer, 1, 8) is None  # no optimizer yet
+    assert hook.after_step(layer, 2, 8) is None  # a logging step, but no optimizer yet
     opt = hook.wrap_optimizer(torch.optim.SGD([layer.weight], lr=0.1), layer)
     assert hook.optimizer is opt and opt.counter is hook.transitions
     assert (opt.lam, opt.m, opt.u_start, opt.max_change, opt.u_max) == (0.1, 0.5, 0.05, 3.0, 0.2)
