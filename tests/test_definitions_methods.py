@@ -334,17 +334,24 @@ def test_saq_units_per_ball():
     )
 
 
+def _bn_probe() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """QuantLinear(2, 2) -> BatchNorm1d(2) with momentum 1 (running mean = the last batch's),
+    q(W) = [[0, 1], [1, -1]] at step 1, a batch x and a loss weighting c (loss = sum(c * out))."""
+    model = _quantized(nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2)))
+    model[1].momentum = 1.0
+    _fill(model[0].weight, [[0.3, 1.2], [1.0, -1.0]])
+    _fill(model[0].weight_quantizer.step, 1.0)
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    c = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, -2.0]])
+    return model, x, c
+
+
 def test_saq_freezes_bn_statistics_in_the_second_pass():
     # QuantLinear(2, 2) -> BatchNorm1d(2, momentum 1: running mean = the last batch's mean).
     # q(W) = [[0, 1], [1, -1]], x = [[1, 2], [3, 0], [0, 1]] -> out = [[2, -1], [0, 3], [1, -1]]:
     # first-pass batch mean [1, 1/3]; the second pass (at q(W) + e) must not overwrite it.
     for bn_update in (False, True):
-        model = _quantized(nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2)))
-        model[1].momentum = 1.0
-        _fill(model[0].weight, [[0.3, 1.2], [1.0, -1.0]])
-        _fill(model[0].weight_quantizer.step, 1.0)
-        x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
-        c = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, -2.0]])
+        model, x, c = _bn_probe()
         opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.0), model, rho=0.5, ball="raw",
                   bn_update=bn_update)  # fmt: skip
 
@@ -361,12 +368,7 @@ def test_saq_freezes_bn_statistics_in_the_second_pass():
 
 
 def test_saq_reused_steps_update_bn_statistics():
-    model = _quantized(nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2)))
-    model[1].momentum = 1.0
-    _fill(model[0].weight, [[0.3, 1.2], [1.0, -1.0]])
-    _fill(model[0].weight_quantizer.step, 1.0)
-    x = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
-    c = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.3, -2.0]])
+    model, x, c = _bn_probe()
     opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.0), model, rho=0.5, every=2, ball="raw")
 
     def closure():
