@@ -221,7 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto, cpu or cuda for every cell's training and follow-ups (default: each "
         "cell's train.device); not part of the grid, so a comparison resumes on another device",
     )
-    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells and their status (new, partial, done, failed; 'waits': it uses a "
+        "value a selecting stage has not chosen yet), run nothing",
+    )
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     p.add_argument(
         "--set",
@@ -236,11 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="rebuild a comparison's report from its stored results",
+        help="rebuild a comparison's report from its stored results, or publish it as a page",
         description="Rewrite report.md, report.html, results.csv/.jsonl and plots of a "
-        "comparison folder from the results stored there (nothing is trained).",
+        "comparison folder from the results stored there (nothing is trained). With --page "
+        "docs/results/NAME.md: publish it instead, as that page plus the folder "
+        "docs/results/NAME/ holding the stored results it is made of (no checkpoints) and its "
+        "CSV/JSON/PNG files; a hand-written docs/results/NAME/notes.md goes into the page "
+        "after its generated header. DIR may also be such a published folder: then its page "
+        "and files are rebuilt from it alone, byte for byte.",
     )
-    p.add_argument("dir", metavar="DIR", help="a folder written by qatlab compare")
+    p.add_argument(
+        "dir", metavar="DIR", help="a folder written by qatlab compare, or a published folder"
+    )
+    p.add_argument(
+        "--page",
+        metavar="PAGE.md",
+        help="publish DIR as this page (e.g. docs/results/NAME.md) and the folder beside it",
+    )
+    p.add_argument("--title", help="--page: the page's title (default: the grid's name)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -535,10 +553,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         resolve_device(args.device)  # cuda without a GPU: one line before anything runs
     out = Path(args.out) if args.out else Path("runs/compare") / grid.name
     if args.dry_run:
-        from qatlab.compare.engine import cell_status, prepare_folder
+        from qatlab.compare.engine import cell_status, prepare_folder, waiting
 
         prepare_folder(out, grid, args.grid, create=False)
+        waits = waiting(grid, out)
         for cell in grid.cells:
+            if cell.name in waits:
+                print(f"{'waits':8}{cell.name}  (for selection of stage {waits[cell.name]})")
+                continue
             after = f"  (after {cell.depends_on})" if cell.depends_on else ""
             print(f"{cell_status(out, cell.name):8}{cell.name}{after}")
         print(f"{len(grid.cells)} cells; folder {out}")
@@ -571,9 +593,19 @@ def _compare(grid, out: Path, source: str, args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from qatlab.compare.report import build_report
+    from qatlab.compare.report import PUBLISHED, build_report, publish
 
-    print(build_report(args.dir))
+    if args.page:
+        page = publish(args.dir, args.page, title=args.title)
+        print(f"page: {page}; its data: {Path(args.page).with_suffix('')}")
+        return 0
+    if args.title:
+        raise ConfigError("--title goes with --page (the title of a published page)")
+    table = build_report(args.dir)
+    if (Path(args.dir) / PUBLISHED).is_file():
+        print(f"rebuilt the published folder {args.dir} and its page")
+        return 0
+    print(table)
     print(f"report: {Path(args.dir) / 'report.html'}")
     return 0
 

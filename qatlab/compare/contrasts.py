@@ -458,7 +458,9 @@ def contrast_blocks(res: Any) -> list:
         names = [(e[1] if (e := column_for(m)) else m) for m in contrast.metrics]
         head = f"{', '.join(names)} against {contrast.describe()}"
         if contrast.tie:
-            tie = ", ".join(f"{contrast.tie * s:g} {u}".rstrip() for s, u in {*scales.values()})
+            tie = ", ".join(
+                f"{contrast.tie * s:g} {u}".rstrip() for s, u in dict.fromkeys(scales.values())
+            )
             head += f"; tie: |d| <= {tie}"
         blocks.append(("p", head))
         diff = "mean diff" + (f" ({unit})" if unit else "")

@@ -290,6 +290,24 @@ def cell_status(out: Path, name: str) -> str:
     return "partial" if folder.exists() else "new"
 
 
+def waiting(grid: Grid, out: Path) -> dict[str, str]:
+    """Cells that wait for a selection (``--dry-run``): cell name -> the selecting stage, for
+    each cell that ``use``s a value of a stage whose cells have not all settled (done or
+    failed) in ``out``, or starts from such a cell."""
+    settled: dict[str, bool] = {}
+    for stage in grid.selections:
+        cells = [c for c in grid.cells if c.stage == stage]
+        settled[stage] = all(cell_status(out, c.name) in ("done", "failed") for c in cells)
+    waits: dict[str, str] = {}
+    for cell in grid.cells:  # a parent comes before the cells that start from it
+        stage = next((u["stage"] for u in cell.uses.values() if not settled[u["stage"]]), None)
+        if stage is None and cell.depends_on in waits:
+            stage = waits[cell.depends_on]
+        if stage is not None:
+            waits[cell.name] = stage
+    return waits
+
+
 class _Lock:
     """One driver per comparison folder (an OS file lock, released when the process dies)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 import statistics
 from collections import defaultdict
@@ -86,7 +87,13 @@ def rows_table(
 
 @dataclass
 class Results:
-    """What a comparison folder holds: marker, cells, finished rows, failures, logs."""
+    """What a comparison folder holds: marker, cells, finished rows, failures, logs.
+
+    ``out`` is where the report's files are written; the per-cell logged records are read
+    from ``source`` (a run folder's ``cells/<cell>/metrics.jsonl``) or, for a published folder
+    (``qatlab report RUN --page``), from the compact copy ``logs`` it keeps. With ``reads``
+    set, :meth:`records` notes which keys of which records the sections read (publishing
+    keeps only those)."""
 
     out: Path
     meta: dict
@@ -94,25 +101,86 @@ class Results:
     label_columns: list[str]
     rows: list[dict]
     failures: list[dict]
+    source: Path | None = None
+    logs: dict[str, list[dict]] | None = None
+    reads: dict[str, list[set[str]]] | None = None
+    published: dict | None = None  # a published folder's PUBLISHED document
 
     def records(self, cell: str) -> list[dict]:
+        """The logged records (``metrics.jsonl``) of ``cell``."""
+        records = self.records_plain(cell)
+        if self.reads is None:
+            return records
+        seen = self.reads.setdefault(cell, [])
+        seen += [set() for _ in range(len(records) - len(seen))]
+        return [_Noted(r, s) for r, s in zip(records, seen, strict=False)]
+
+    def records_plain(self, cell: str) -> list[dict]:
+        """:meth:`records` without noting what is read."""
         from qatlab.train.metrics import read_jsonl
 
-        return read_jsonl(self.out / "cells" / cell / "metrics.jsonl")
+        if self.logs is not None:
+            return self.logs.get(cell, [])
+        return read_jsonl(Path(self.source or self.out) / "cells" / cell / "metrics.jsonl")
+
+    def events(self) -> list[dict]:
+        """The driver's start/finish events (``events.jsonl``) of this comparison's cells."""
+        from qatlab.train.metrics import read_jsonl
+
+        names = {c["name"] for c in self.cells}
+        events = read_jsonl(Path(self.source or self.out) / "events.jsonl")
+        return [e for e in events if e.get("cell") in names]
 
     @property
     def stages(self) -> list[str]:
         return list(dict.fromkeys(c["stage"] for c in self.cells))
+
+    def stage_labels(self) -> dict[str, str]:
+        """Stage -> its ``label:`` in the grid (the first part of its arms' names), for the
+        stages that have one."""
+        stages = self.meta["grid"].get("stages") or []
+        return {
+            str(s["name"]): str(s["label"])
+            for s in stages
+            if isinstance(s, dict) and s.get("name") and s.get("label")
+        }
 
     def group_keys(self) -> list[str]:
         """The columns that name a row of the tables (seed excluded: it is aggregated)."""
         return (["stage"] if len(self.stages) > 1 else []) + self.label_columns
 
 
+class _Noted(dict):
+    """A logged record that notes the keys read from it (present ones: ``r[k]``, ``r.get(k)``,
+    ``k in r``) into ``seen``."""
+
+    def __init__(self, record: dict, seen: set[str]) -> None:
+        super().__init__(record)
+        self._seen = seen
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self._seen.add(key)
+        return value
+
+    def get(self, key, default=None):
+        if super().__contains__(key):
+            self._seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        found = super().__contains__(key)
+        if found:
+            self._seen.add(key)
+        return found
+
+
 def load_results(out: str | Path) -> Results:
-    """Read a comparison folder (no training, no model loading)."""
+    """Read a comparison folder, or a folder published from one (no training, no model
+    loading)."""
     from qatlab.compare.engine import KIND, MARKER
     from qatlab.errors import ConfigError
+    from qatlab.train.metrics import read_jsonl
 
     out = Path(out)
     try:
@@ -122,14 +190,24 @@ def load_results(out: str | Path) -> Results:
         raise ConfigError(f"{out} is not a qatlab comparison folder (no {MARKER})") from None
     if meta.get("kind") != KIND:
         raise ConfigError(f"{out} is not a qatlab comparison folder")
+    cells, columns = cells_doc["cells"], cells_doc["label_columns"]
+    published = _published_doc(out)
+    if published is not None:
+        names = {c["name"] for c in cells}
+        rows = [r for r in read_jsonl(out / "results.jsonl") if r.get("cell") in names]
+        failures = read_jsonl(out / FAILURES)
+        logs: dict[str, list[dict]] = {}
+        for cell, record in _read_logs(out):
+            logs.setdefault(cell, []).append(record)
+        return Results(out, meta, cells, columns, rows, failures, logs=logs, published=published)
     rows, failures = [], []
-    for cell in cells_doc["cells"]:
+    for cell in cells:
         folder = out / "cells" / cell["name"]
         if (folder / "result.json").is_file():
             rows.append(json.loads((folder / "result.json").read_text()))
         elif (folder / "failed.json").is_file():
             failures.append(json.loads((folder / "failed.json").read_text()))
-    return Results(out, meta, cells_doc["cells"], cells_doc["label_columns"], rows, failures)
+    return Results(out, meta, cells, columns, rows, failures, source=out)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -137,14 +215,33 @@ def _groups(res: Results, rows: list[dict] | None = None) -> list[tuple[tuple, l
     keys = res.group_keys()
     order: dict[tuple, list[dict]] = {}
     for cell in res.cells:  # grid order, even for groups with no finished cell yet
-        order.setdefault(tuple(_key_value(cell, k) for k in keys), [])
+        order.setdefault(_cell_key(res, cell, keys), [])
     for row in res.rows if rows is None else rows:
-        order.setdefault(tuple(row.get(k, "–") for k in keys), []).append(row)
+        order.setdefault(_row_key(res, row, keys), []).append(row)
     return [(k, v) for k, v in order.items() if v]
 
 
-def _key_value(cell: dict, key: str):
-    return cell["stage"] if key == "stage" else cell["labels"].get(key, "–")
+def _cell_key(res: Results, cell: dict, keys: list[str]) -> tuple:
+    """The values of ``keys`` that name ``cell``'s row in the tables; a stage with a
+    ``label:`` is named by it (the arms' label, not the stage's name)."""
+    labels = res.stage_labels()
+    return tuple(
+        labels.get(cell["stage"], cell["stage"]) if k == "stage" else cell["labels"].get(k, "–")
+        for k in keys
+    )
+
+
+def _row_key(res: Results, row: dict, keys: list[str]) -> tuple:
+    """:func:`_cell_key` of a result row."""
+    labels = res.stage_labels()
+    values = [row.get(k, "–") for k in keys]
+    return tuple(labels.get(v, v) if k == "stage" else v for k, v in zip(keys, values, strict=True))
+
+
+def _headers(res: Results, keys: list[str]) -> list[str]:
+    """Column headers of the group keys: ``stage`` is ``arm`` when stages carry labels."""
+    arm = bool(res.stage_labels())
+    return ["arm" if k == "stage" and arm else k for k in keys]
 
 
 def _stats(values: list) -> tuple[float, float, int] | None:
@@ -169,7 +266,7 @@ def metric_table(res: Results, keys: list[str], rows: list[dict] | None = None) 
     """Rows = groups of cells (over seeds), columns = ``keys`` as mean ± std, best marked."""
     gkeys = res.group_keys()
     groups = _groups(res, rows)
-    headers = gkeys + [column_for(k)[1] for k in keys] + ["n"]
+    headers = _headers(res, gkeys) + [column_for(k)[1] for k in keys] + ["n"]
     table = Table(headers, [])
     means: dict[int, list[tuple[int, float]]] = {}
     for i, (key, members) in enumerate(groups):
@@ -234,16 +331,16 @@ def bits_pivot(res: Results) -> tuple[Table, list[str], dict] | None:
     others = [k for k in res.group_keys() if k != "bits"]
     order: dict[tuple, dict[str, list]] = {}
     for cell in res.cells:
-        order.setdefault(tuple(_key_value(cell, k) for k in others), {})
+        order.setdefault(_cell_key(res, cell, others), {})
     for row in res.rows:
-        per = order.setdefault(tuple(row.get(k, "–") for k in others), {})
+        per = order.setdefault(_row_key(res, row, others), {})
         per.setdefault(_bits_of(row), []).append(row.get("test_acc"))
         if _bits_of(row) == "float":
             for w in widths:
                 if f"ptq_{w}" in row:
                     per.setdefault(f"ptq:{w}", []).append(row[f"ptq_{w}"])
     with_desc = "method" in others
-    headers = others + (["what it is"] if with_desc else []) + widths
+    headers = _headers(res, others) + (["what it is"] if with_desc else []) + widths
     table = Table(headers, [])
     series: dict[str, dict[str, tuple]] = {}
     best: dict[int, list[tuple[int, float]]] = {}
@@ -716,7 +813,7 @@ def _plot_hist(res: Results) -> bool:
     for r in rows:
         spec = next((f for f in follow.get(r["cell"], []) if f.get("measure") == "oscillation"), {})
         hist_max = spec.get("hist_max", hist_max)
-        per = panels.setdefault(tuple(r.get(k, "–") for k in keys), {})
+        per = panels.setdefault(_row_key(res, r, keys), {})
         method = str(r.get("method", r["method_name"]))
         total = per.get(method, [0.0] * len(r["osc_hist"]))
         per[method] = [a + b for a, b in zip(total, r["osc_hist"], strict=True)]
@@ -742,25 +839,44 @@ def _plot_hist(res: Results) -> bool:
 def build_report(out: str | Path) -> str:
     """(Re)write ``report.md``, ``report.html``, ``results.csv``, ``results.jsonl`` and the
     plots of comparison folder ``out`` from its stored results; return the headline table
-    (Markdown): the table by bit width if there is one, else the results table."""
-    from qatlab.train.metrics import write_csv, write_text
+    (Markdown): the table by bit width if there is one, else the results table. A published
+    folder (:func:`publish`) is rebuilt instead: its page and its files."""
+    from qatlab.train.metrics import write_text
 
     res = load_results(out)
-    extra = [EXTRA_SECTIONS[n] for n in res.meta["grid"].get("sections") or []]
-    blocks = [b for _, fn in SECTIONS[:1] for b in fn(res)]  # the header
-    blocks += [b for fn in [*extra, *(fn for _, fn in SECTIONS[1:])] for b in fn(res)]
+    if res.published is not None:
+        return _headline(_rebuild(res))
+    blocks = [b for _, fn in SECTIONS[:1] for b in fn(res)] + _section_blocks(res)  # header
     write_text(res.out / "report.md", render_markdown(blocks))
     write_text(res.out / "report.html", render_html(blocks, res.out, res.meta["grid_name"]))
-    write_text(
-        res.out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in res.rows)
-    )
-    flat = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.rows]
-    write_csv(res.out / "results.csv", flat)
+    _write_rows(res)
+    return _headline(blocks)
+
+
+def _headline(blocks: list) -> str:
     tables = [b[1] for b in blocks if b[0] == "table"]
     return tables[0].markdown() if tables else ""
 
 
-def render_markdown(blocks: list) -> str:
+def _section_blocks(res: Results) -> list:
+    """Every section after the header: the grid's ``sections:``, then the default ones (they
+    write their plots, and contrasts.csv/.json, into ``res.out``)."""
+    extra = [EXTRA_SECTIONS[n] for n in res.meta["grid"].get("sections") or []]
+    return [b for fn in [*extra, *(fn for _, fn in SECTIONS[1:])] for b in fn(res)]
+
+
+def _write_rows(res: Results) -> None:
+    """``results.jsonl`` (each row as stored, keys in its own order) and ``results.csv``."""
+    from qatlab.train.metrics import write_csv, write_text
+
+    write_text(res.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in res.rows))
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in res.rows]
+    write_csv(res.out / "results.csv", flat)
+
+
+def render_markdown(blocks: list, prefix: str = "") -> str:
+    """Markdown of ``blocks``; ``prefix`` goes before every relative image and link path (a
+    page beside its folder: ``NAME/curves.png``)."""
     parts = []
     for block in blocks:
         kind = block[0]
@@ -769,15 +885,348 @@ def render_markdown(blocks: list) -> str:
         elif kind == "h2":
             parts.append(f"## {block[1]}")
         elif kind == "p":
-            parts.append(block[1])
+            parts.append(_relink(block[1], prefix))
         elif kind == "table":
             parts.append(block[1].markdown())
         elif kind == "img":
-            parts.append(f"![{block[2]}]({block[1]})")
+            parts.append(f"![{block[2]}]({prefix}{block[1]})")
         elif kind == "code":
-            parts.append(f"```yaml\n{block[1]}\n```")
+            lang = block[2] if len(block) > 2 else "yaml"
+            parts.append(f"```{lang}\n{block[1]}\n```")
+        elif kind == "md":  # verbatim Markdown (a page's notes.md)
+            parts.append(block[1].strip("\n"))
         # "details" (a collapsed table) is HTML only: report.md stays short
     return "\n\n".join(parts) + "\n"
+
+
+def _relink(text: str, prefix: str) -> str:
+    if not prefix:
+        return text
+    return re.sub(
+        r"\]\((?![a-zA-Z][a-zA-Z0-9+.-]*:|/|#)([^)\s]+)\)", lambda m: f"]({prefix}{m[1]})", text
+    )
+
+
+# ----------------------------------------------------------------------------- publishing
+# ``qatlab report RUN --page docs/results/NAME.md`` writes the page and docs/results/NAME/: the
+# stored results the page is made of (marker, cells, rows, failures, selections, the driver's
+# events, the logged records the sections read) and the report's files (results.csv/.jsonl,
+# contrasts.csv/.json, PNGs). ``qatlab report docs/results/NAME`` rebuilds both from the folder
+# alone, byte for byte (PNGs: on the same matplotlib; they are checked at publishing time).
+PUBLISHED = "published.json"  # the publish marker: page path, title, regenerate command
+PUBLISH_KIND = "qatlab published comparison"
+NOTES = "notes.md"  # hand-written, copied verbatim into the page after its header
+FAILURES = "failures.jsonl"
+LOGS = "logs.jsonl"  # [cell, record] per line, the keys the sections read; gzipped if large
+LOGS_GZ = LOGS + ".gz"
+GZIP_ABOVE = 200_000  # bytes
+RUNS = "runs/compare"  # where the regenerate command puts the run folder
+INPUTS = ("comparison.json", "cells.json", "selections.json", "events.jsonl", "results.jsonl")
+INPUTS += (FAILURES, LOGS, LOGS_GZ, PUBLISHED, NOTES, "grid.yaml")
+
+
+def _published_doc(folder: Path) -> dict | None:
+    try:
+        doc = json.loads((folder / PUBLISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("kind") == PUBLISH_KIND else None
+
+
+def _read_logs(folder: Path) -> list[tuple[str, dict]]:
+    import gzip
+
+    if (folder / LOGS_GZ).is_file():
+        text = gzip.decompress((folder / LOGS_GZ).read_bytes()).decode()
+    elif (folder / LOGS).is_file():
+        text = (folder / LOGS).read_text()
+    else:
+        return []
+    return [tuple(json.loads(line)) for line in text.splitlines() if line]
+
+
+def publish(run: str | Path, page: str | Path, title: str | None = None) -> Path:
+    """Publish comparison folder ``run`` as ``page`` (``docs/results/NAME.md``) and its folder
+    ``docs/results/NAME/``; return the page's path. The folder's ``notes.md`` (if any) is kept
+    and copied into the page; everything else in it is rewritten. Checked before it is moved
+    in place: the folder rebuilds the same page and files on its own."""
+    import shutil
+    import tempfile
+
+    from qatlab.errors import ConfigError
+
+    run, page = Path(run), Path(page)
+    if page.suffix != ".md":
+        raise ConfigError(f"--page must be a Markdown file (docs/results/NAME.md), got {page}")
+    folder = page.with_suffix("")
+    res = load_results(run)
+    if res.published is not None:
+        raise ConfigError(f"{run} is a published folder; rebuild it with: qatlab report {run}")
+    if folder.exists():
+        own = _published_doc(folder) is not None
+        others = [p.name for p in folder.iterdir() if p.name != NOTES] if folder.is_dir() else [0]
+        if not own and others:
+            raise ConfigError(
+                f"{folder} exists and is not a published comparison folder (only {NOTES} may be "
+                "there before the first publish); choose another --page"
+            )
+    pub = _publish_doc(res, page, folder, title)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.publish."))
+    try:
+        _stage_inputs(res, run, folder, stage, pub)
+        res.out, res.reads = stage, {}
+        text, _ = _published_files(res, pub)
+        records = _noted_records(res)
+        _write_logs(stage, records)
+        if not _same_rebuild(stage, text):  # a section read records in a way not noted
+            _write_logs(stage, _full_records(res))
+            if not _same_rebuild(stage, text):
+                raise ConfigError(
+                    f"the report of {run} does not rebuild identically from its published data "
+                    "(a section reads something publishing does not keep); nothing written"
+                )
+        old = folder.with_name(f".{folder.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(stage, folder)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    _write_page(folder, pub, text)
+    return Path(os.path.normpath(folder / pub["page"]))
+
+
+def _publish_doc(res: Results, page: Path, folder: Path, title: str | None) -> dict:
+    """The publish marker: how the page is named and regenerated (fixed at publishing, so a
+    copy of the folder elsewhere rebuilds the very same page)."""
+    from qatlab.compare.spec import presets, read_grid
+
+    shown = _shown(page)
+    source = str(res.meta.get("source") or "")
+    grid_arg = source
+    same = False
+    if source in presets():
+        same = _plain(read_grid(source)) == _plain(res.meta["grid"])
+    if not same:  # a grid file, or a preset with --set: the grid is kept beside the page
+        grid_arg = f"{_shown(folder)}/grid.yaml"
+    name = folder.name
+    return {
+        "kind": PUBLISH_KIND,
+        "page": os.path.relpath(page, folder),
+        "page_shown": shown,
+        "title": title or res.meta["grid_name"],
+        "grid": grid_arg,
+        "grid_file": not same,
+        "run": f"{RUNS}/{name}",
+    }
+
+
+def _plain(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def _shown(path: Path) -> str:
+    """A path as the page shows it: relative to the working directory when inside it."""
+    if path.is_absolute():
+        try:
+            path = path.resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            pass
+    return os.path.normpath(path)
+
+
+def _stage_inputs(res: Results, run: Path, folder: Path, stage: Path, pub: dict) -> None:
+    """Copy the stored results the page is made of into ``stage``."""
+    import yaml
+
+    from qatlab.compare.engine import MARKER
+    from qatlab.train.metrics import write_json, write_text
+
+    for name in (MARKER, "cells.json", "selections.json"):
+        if (run / name).is_file():
+            (stage / name).write_bytes((run / name).read_bytes())
+    write_text(stage / "events.jsonl", "".join(json.dumps(e) + "\n" for e in res.events()))
+    failures = [{"cell": f.get("cell"), "reason": f.get("reason")} for f in res.failures]
+    write_text(stage / FAILURES, "".join(json.dumps(f) + "\n" for f in failures))
+    if (folder / NOTES).is_file():
+        (stage / NOTES).write_bytes((folder / NOTES).read_bytes())
+    if pub["grid_file"]:
+        grid = {"name": res.meta["grid_name"], **res.meta["grid"]}
+        write_text(stage / "grid.yaml", yaml.safe_dump(grid, sort_keys=False, allow_unicode=True))
+    write_json(stage / PUBLISHED, pub)
+
+
+def _published_files(res: Results, pub: dict) -> tuple[str, list]:
+    """Write the report's files of a published folder (``res.out``); return the page's text
+    and the section blocks."""
+    blocks = _section_blocks(res)
+    _write_rows(res)
+    notes = res.out / NOTES
+    head = _page_header(res, pub)
+    if notes.is_file():
+        head.append(("md", notes.read_text()))
+    prefix = Path(pub["page_shown"]).stem + "/"
+    return render_markdown(head + blocks, prefix), blocks
+
+
+def _write_page(folder: Path, pub: dict, text: str) -> None:
+    from qatlab.train.metrics import write_text
+
+    write_text(folder / pub["page"], text)
+
+
+def _rebuild(res: Results) -> list:
+    """Rebuild a published folder's files and its page; return the section blocks."""
+    text, blocks = _published_files(res, res.published)
+    _write_page(res.out, res.published, text)
+    return blocks
+
+
+def _noted_records(res: Results) -> list[tuple[str, dict]]:
+    """The logged records' keys the sections read, per cell (records with none left out)."""
+    out = []
+    for cell in (c["name"] for c in res.cells):
+        seen = (res.reads or {}).get(cell) or []
+        if not seen:
+            continue
+        for record, keys in zip(res.records_plain(cell), seen, strict=False):
+            if keys:
+                out.append((cell, {k: v for k, v in record.items() if k in keys}))
+    return out
+
+
+def _full_records(res: Results) -> list[tuple[str, dict]]:
+    """Every record of every cell whose records a section read (the fallback)."""
+    return [
+        (c["name"], r)
+        for c in res.cells
+        if (res.reads or {}).get(c["name"])
+        for r in res.records_plain(c["name"])
+    ]
+
+
+def _write_logs(folder: Path, records: list[tuple[str, dict]]) -> None:
+    import gzip
+
+    from qatlab.train.metrics import atomic_write
+
+    data = "".join(json.dumps([cell, r]) + "\n" for cell, r in records).encode()
+    for name in (LOGS, LOGS_GZ):
+        (folder / name).unlink(missing_ok=True)
+    if len(data) > GZIP_ABOVE:
+        atomic_write(folder / LOGS_GZ, gzip.compress(data, compresslevel=9, mtime=0))
+    elif records:
+        atomic_write(folder / LOGS, data)
+
+
+def _same_rebuild(stage: Path, text: str) -> bool:
+    """Whether a copy of the published folder ``stage`` alone (inputs only) rebuilds the same
+    page and every file of the folder."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / stage.name
+        copy.mkdir()
+        for path in stage.iterdir():
+            if path.name in INPUTS:
+                shutil.copy2(path, copy / path.name)
+        res = load_results(copy)
+        _rebuild(res)
+        if (copy / res.published["page"]).read_text() != text:
+            return False
+        names = {p.name for p in stage.iterdir()}
+        if names != {p.name for p in copy.iterdir()}:
+            return False
+        return all((stage / n).read_bytes() == (copy / n).read_bytes() for n in names)
+
+
+def _page_header(res: Results, pub: dict) -> list:
+    """The page's generated header: title, the grid's description, how to regenerate it,
+    seeds, cells, dates and times (all from the stored results)."""
+    import time
+
+    n, done, failed = len(res.cells), len(res.rows), len(res.failures)
+    blocks: list = [("h1", pub["title"])]
+    desc = res.meta["grid"].get("description")
+    if desc:
+        blocks.append(("p", " ".join(str(desc).split())))
+    commands = (
+        f"qatlab compare {pub['grid']} --out {pub['run']}\n"
+        f"qatlab report {pub['run']} --page {pub['page_shown']}"
+    )
+    folder = Path(pub["page_shown"]).with_suffix("")
+    blocks.append(
+        (
+            "p",
+            "Regenerate: the first command trains the cells missing from its folder (all of "
+            f"them in a fresh one), the second rewrites this page and `{folder}/` from the "
+            f"stored results; `qatlab report {folder}` rebuilds both from the committed folder "
+            "alone.",
+        )
+    )
+    blocks.append(("code", commands, "bash"))
+    per_stage: dict[str, list[int]] = {}
+    for cell in res.cells:
+        per_stage.setdefault(cell["stage"], [])
+        if cell["seed"] not in per_stage[cell["stage"]]:
+            per_stage[cell["stage"]].append(cell["seed"])
+    if len({tuple(v) for v in per_stage.values()}) == 1:
+        seeds = "seeds " + ", ".join(map(str, next(iter(per_stage.values()))))
+    else:
+        seeds = "seeds: " + "; ".join(
+            f"stage {s} {', '.join(map(str, v))}" for s, v in per_stage.items()
+        )
+    train_s = sum(r.get("wall_time_s") or 0.0 for r in res.rows)
+    facts = (
+        f"{n} cells ({done} finished, {failed} failed, {n - done - failed} not run); {seeds}; "
+        f"training time summed over the finished cells {_minutes(train_s)}"
+    )
+    spans = _spans(res)
+    if spans:
+        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+
+        def day(t: float) -> str:
+            return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+        facts += (
+            f"; the finished cells trained from {day(first)} to {day(last)} UTC "
+            f"({_minutes(last - first)} wall time)"
+        )
+    blocks.append(("p", facts + "."))
+    links = "Every finished cell's row: [results.csv](results.csv) ([results.jsonl](results.jsonl))"
+    if res.meta["grid"].get("contrasts"):
+        links += "; the paired contrasts: [contrasts.csv](contrasts.csv)"
+    blocks.append(("p", links + "."))
+    return blocks
+
+
+def _spans(res: Results) -> list[tuple[float, float]]:
+    """Per finished cell: when its (last) training started and when it last finished, from the
+    driver's events."""
+    start: dict[str, float] = {}
+    spans: dict[str, tuple[float, float]] = {}
+    finished = {r["cell"] for r in res.rows}
+    for event in res.events():
+        cell, t = event.get("cell"), event.get("time")
+        if cell not in finished or not is_number(t):
+            continue
+        if event.get("event") == "start" and event.get("train", True):
+            start[cell] = t
+        elif event.get("event") == "done" and cell in start:
+            spans[cell] = (start[cell], t)
+    return list(spans.values())
+
+
+def _minutes(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min"
 
 
 def render_html(blocks: list, folder: Path, title: str) -> str:
