@@ -138,7 +138,7 @@ class Results:
     def stage_labels(self) -> dict[str, str]:
         """Stage -> its ``label:`` in the grid (the first part of its arms' names), for the
         stages that have one."""
-        stages = self.meta["grid"].get("stages") or []
+        stages = (self.meta.get("grid") or {}).get("stages") or []
         return {
             str(s["name"]): str(s["label"])
             for s in stages
