@@ -954,6 +954,7 @@ def publish(run: str | Path, page: str | Path, title: str | None = None) -> Path
     import tempfile
 
     from qatlab.errors import ConfigError
+    from qatlab.train.metrics import current_umask
 
     run, page = Path(run), Path(page)
     if page.suffix != ".md":
@@ -973,6 +974,7 @@ def publish(run: str | Path, page: str | Path, title: str | None = None) -> Path
     pub = _publish_doc(res, page, folder, title)
     folder.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.publish."))
+    os.chmod(stage, 0o777 & ~current_umask())  # a folder as mkdir makes it, not mkdtemp's 0o700
     try:
         _stage_inputs(res, run, folder, stage, pub)
         res.out, res.reads = stage, {}
