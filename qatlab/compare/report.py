@@ -1010,6 +1010,8 @@ def _publish_doc(res: Results, page: Path, folder: Path, title: str | None) -> d
 
     shown = _shown(page)
     source = str(res.meta.get("source") or "")
+    if Path(source).parent.name == "presets" and Path(source).stem in presets():
+        source = Path(source).stem  # a preset's file, named by its path
     grid_arg = source
     same = False
     if source in presets():
