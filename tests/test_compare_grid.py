@@ -325,14 +325,15 @@ def test_talr_preset_selects_lambda_on_its_own_seeds():
     assert {c.seed for c in by_stage["tune"]} == {100, 101}
     assert {c.seed for c in by_stage["talr"]} == {0, 1, 2}
     assert grid.selections["tune"]["axis"] == "method.lam"
-    for cell in by_stage["talr"]:  # one tuned lambda per model, bits and optimizer
-        assert cell.pending and set(cell.uses["method.lam"]["arm"]) == {
-            "model",
-            "bits",
-            "optimizer",
-        }
+    for cell in by_stage["talr"]:  # one tuned lambda per model and bits
+        assert cell.pending and set(cell.uses["method.lam"]["arm"]) == {"model", "bits"}
         assert cell.depends_on == f"float-{cell.labels['model']}-s{cell.seed}"
     assert all(c.config["train"]["monitors"][0]["name"] == "flips" for c in by_stage["paper"])
+    for stage in ("tune", "talr", "paper"):  # every TALR run says whether K_t followed R_t
+        assert all("talr_tracking" in [f["measure"] for f in c.follow_ups] for c in by_stage[stage])
+    lrs = {s: {c.config["train"].get("lr", 1e-3) for c in by_stage[s]} for s in ("plain", "half")}
+    assert lrs == {"plain": {1e-3}, "half": {5e-4}}  # the fair arms: the LR halved (and doubled)
+    assert {c.config["train"].get("schedule") for c in by_stage["const"]} == {"constant"}
 
 
 def test_a_cell_finished_before_cell_keys_is_adopted_not_retrained(tmp_path, tiny_data_config):
