@@ -19,12 +19,12 @@ def _records() -> list[dict]:
         (10, 5.0, 1.0, 1.0, 0.004),  # step 10 = 20% of T: still early
         (15, 1.0, 1.0, 1.0, 0.002),  # K/R 1 in, K/Rbar 1 in
         (20, 1.9, 1.0, 1.0, 0.002),  # 1.9 in, in
-        (25, 0.6, 1.0, 1.2, 0.0),  # 0.6 in; K/Rbar 0.5 in (the edge); U = 0 while R > 0
+        (25, 0.6, 1.0, 1.2, 0.0),  # 0.6 in; K/Rbar 0.5 in (the edge); U = 0 before T
         (30, 2.5, 1.0, 2.0, 0.003),  # 2.5 out: the first break, at 30/50 = 60%; K/Rbar 1.25
         (35, 0.5, 1.0, 0.2, 0.002),  # 0.5 in (the edge); K/Rbar 2.5 out
-        (40, 0.3, 1.0, 1.0, 0.002),  # out; out (0.3)
+        (40, 0.3, 0.0, 1.0, 0.002),  # R = 0: never met; K/Rbar 0.3 out
         (45, 1.0, 0.4, 0.5, 0.002),  # 2.5 out; K/Rbar 2 in (the edge)
-        (50, 0.2, 0.0, 0.25, 0.0),  # R = 0: never met; K/Rbar 0.8 in; U = 0 but R = 0
+        (50, 0.5, 0.1, 0.625, 0.0),  # 5 out; K/Rbar 0.8 in; U = 0 at T: no step left
     ]
     recs = [
         {"epoch": 0, "step": s, "talr_k": 0.0, "talr_K": k, "talr_R": r, "talr_Rbar": rb,
@@ -44,7 +44,7 @@ def test_tracking_stats_on_hand_made_records():
     assert out["talr_in2x_Rbar"] == pytest.approx(6 / 8)  # all but 35 (2.5) and 40 (0.3)
     assert out["talr_K_Rbar_min"] == pytest.approx(0.3)
     assert out["talr_K_Rbar_max"] == pytest.approx(2.5)
-    assert out["talr_U_zero_steps"] == 1  # step 25; step 50 has R = 0
+    assert out["talr_U_zero_steps"] == 1  # step 25; step 50 is the last (U_T drives nothing)
     assert out["talr_U_max_ratio"] == pytest.approx(0.004 / 0.002)  # step 10 counts here
 
 

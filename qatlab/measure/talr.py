@@ -39,7 +39,9 @@ def tracking_stats(
     holds without a break (``talr_in2x_R_until``: the first late step outside, over T; 1 if
     none), the share with ``K_t / Rbar_t`` in [1/2, 2] (``talr_in2x_Rbar``), the range of
     ``K_t / Rbar_t`` (``talr_K_Rbar_min``/``max``); over all logged steps, the number with
-    ``U = 0`` while the target ``R_t`` is above 0 (``talr_U_zero_steps``) and, given ``u0``,
+    ``U = 0`` before the last step T (``talr_U_zero_steps``: the logged ``U`` is ``U_{t+1}``,
+    the LR of a step still to come, whose cosine target is above 0; the tracking law sets
+    ``U_T = 0`` after the last step, where ``R_T = 0``) and, given ``u0``,
     the largest ``U / u0`` (``talr_U_max_ratio``). Nothing when no TALR record was logged."""
     steps = [r["step"] for r in records if is_number(r.get("step"))]
     tal = [
@@ -52,7 +54,8 @@ def tracking_stats(
     total = max(steps)
     late = [r for r in tal if r["step"] > skip * total]
     out: dict[str, Any] = {
-        "talr_U_zero_steps": sum(r["talr_U"] == 0 and r["talr_R"] > 0 for r in tal),
+        # talr_U is U_{t+1}: the LR of the next step, whose target is above 0 until the end
+        "talr_U_zero_steps": sum(r["talr_U"] == 0 for r in tal if r["step"] < total),
         "talr_late_steps": len(late),
     }
     if u0:
@@ -108,8 +111,9 @@ def _check(skip: float = 0.2, u0: float = 0.0) -> None:
         "the running rate K_t within a factor 2 of the target R_t, the fraction of training up "
         "to which that holds without a break, the share within a factor 2 of Rbar_t (the "
         "running average of R_t: what K_t is when every step hits its target), the range of "
-        "K_t/Rbar_t; over all logged steps, those with U = 0 while R_t > 0, and the largest "
-        "U over U_0 (the LR); mean ± std over seeds.",
+        "K_t/Rbar_t; over all logged steps, those with U = 0 before the last step (while the "
+        "target of the next step is above 0), and the largest U over U_0 (the LR); mean ± std "
+        "over seeds.",
     ),
 )
 def talr_tracking(ctx: MeasureContext, skip: float = 0.2, u0: float = 0.0) -> dict[str, Any]:
