@@ -325,14 +325,24 @@ def test_talr_preset_selects_lambda_on_its_own_seeds():
     assert {c.seed for c in by_stage["tune"]} == {100, 101}
     assert {c.seed for c in by_stage["talr"]} == {0, 1, 2}
     assert grid.selections["tune"]["axis"] == "method.lam"
-    for cell in by_stage["talr"]:  # one tuned lambda per model, bits and optimizer
-        assert cell.pending and set(cell.uses["method.lam"]["arm"]) == {
-            "model",
-            "bits",
-            "optimizer",
-        }
+    for cell in by_stage["talr"]:  # one tuned lambda per model and bits
+        assert cell.pending and set(cell.uses["method.lam"]["arm"]) == {"model", "bits"}
         assert cell.depends_on == f"float-{cell.labels['model']}-s{cell.seed}"
     assert all(c.config["train"]["monitors"][0]["name"] == "flips" for c in by_stage["paper"])
+    for stage in ("tune", "talr", "paper"):  # every TALR run says whether K_t followed R_t
+        assert all("talr_tracking" in [f["measure"] for f in c.follow_ups] for c in by_stage[stage])
+    lrs = {s: {c.config["train"].get("lr", 1e-3) for c in by_stage[s]} for s in ("plain", "half")}
+    assert lrs == {"plain": {1e-3}, "half": {5e-4}}  # the fair arms: the LR halved (and doubled)
+    assert {c.config["train"].get("schedule") for c in by_stage["const"]} == {"constant"}
+    # the fair control: the plain cosine's LR chosen on the selection seeds, as lambda is
+    assert {c.seed for c in by_stage["lrtune"]} == {100, 101} and len(by_stage["lrtune"]) == 48
+    assert grid.selections["lrtune"]["axis"] == "train.lr"
+    swept = {c.config["train"]["lr"] for c in by_stage["lrtune"]}
+    assert swept == {k * 1e-3 for k in (1, 2, 4, 8, 16, 32)}  # the plain LR times 1-32
+    for cell in by_stage["tuned"]:
+        assert cell.seed in (0, 1, 2) and cell.config["method"]["name"] == "qat"
+        assert cell.pending and set(cell.uses["train.lr"]["arm"]) == {"model", "bits"}
+        assert cell.config["train"].get("schedule", "cosine") == "cosine"
 
 
 def test_a_cell_finished_before_cell_keys_is_adopted_not_retrained(tmp_path, tiny_data_config):

@@ -1,9 +1,13 @@
 """Measurements of trained models, behind one registry (:mod:`qatlab.measure.registry`):
 accuracy, PTQ sweeps, cross-bit, BN re-estimation, the oscillation statistics of a method's
-state, and the generalization measures (gap, quantization noise, flatness, sharpness, PAC-Bayes
-bounds, loss landscapes, corruptions). Never imports the trainer or the comparison engine."""
+state, how TALR's controller followed its target, and the generalization measures (gap,
+quantization noise, flatness, sharpness, PAC-Bayes bounds, loss landscapes, corruptions). Never
+imports the trainer or the comparison engine."""
 
-from qatlab.measure import qgen  # noqa: E402,F401  (registers gap, noise, flatness, ...)
+from qatlab.measure import (
+    qgen,  # noqa: E402,F401  (registers gap, noise, flatness, ...)
+    talr,  # noqa: E402,F401  (registers talr_tracking)
+)
 from qatlab.measure.accuracy import evaluate
 from qatlab.measure.bn import bn_reestimate
 from qatlab.measure.crossbit import cross_bit, crossbit_measure, ptq_accuracy, ptq_config
