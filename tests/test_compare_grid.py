@@ -362,3 +362,12 @@ def test_a_cell_finished_before_cell_keys_is_adopted_not_retrained(tmp_path, tin
     assert row["logged_val_acc_max"] == before["logged_val_acc_max"] and "val_loss" in row
     assert (folder / "best.pt").stat().st_mtime_ns == stamp
     assert json.loads((folder / "cell.json").read_text())["key"]  # identified from now on
+
+
+def test_load_grid_leaves_its_document_untouched():
+    """A stage's ``use`` placeholder was written into the document's own ``set`` (merged by
+    reference), so the grid stored in a comparison folder differed from its preset."""
+    from qatlab.compare.spec import load_grid, read_grid
+
+    for name in ("talr", "qat_recipe"):  # presets with a use: stage
+        assert load_grid(name).source == read_grid(name), name

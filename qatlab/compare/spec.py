@@ -262,7 +262,8 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
             raise ConfigError(f"stages[{i}] needs a name")
         if sname in seen_stages:
             raise ConfigError(f"stage name {sname!r} is used twice")
-        stage_base = merge(copy.deepcopy(base), _nested(stage.get("set") or {}, "set"))
+        stage_set = copy.deepcopy(_nested(stage.get("set") or {}, "set"))  # not the document's
+        stage_base = merge(copy.deepcopy(base), stage_set)
         monitors = top_monitors + _monitors(stage.get("monitors"), f"stage {sname} monitors")
         if monitors:
             set_dotted(stage_base, "train.monitors", monitors)
