@@ -115,6 +115,43 @@ def test_selection_follows_validation_never_test(tiny_data_config):
         expand(_doc(tiny_data_config, stages=[{**tune, "select": {"axis": "train.x"}}, final]))
 
 
+def test_pooled_selection_picks_one_value_for_every_setting(tiny_data_config):
+    tune = {**TUNE, "axes": {"method.name": ["float", "qat"], "train.lr": [1e-3, 1e-2]}}
+    tune["set"] = {"quant": {"weight_bits": 4, "act_bits": 4}}
+    tune["select"] = {"axis": "train.lr", "metric": "val_acc", "pool": ["method"]}
+    final = {**FINAL, "axes": {"method.name": ["float", "qat"]}}
+    grid = expand(_doc(tiny_data_config, stages=[tune, final]))
+    assert grid.selections["tune"]["pool"] == ["method"]
+    tune_cells = [c for c in grid.cells if c.stage == "tune"]
+    # per method, validation prefers 1e-2 for qat and 1e-3 for float; pooled over both methods
+    # (and seeds) 1e-3 wins: (0.60 + 0.90) / 2 = 0.75 > (0.70 + 0.75) / 2 = 0.725. Test
+    # numbers (1 - val) would pick 1e-2 pooled.
+    val = {("qat", "0.001"): 0.60, ("qat", "0.01"): 0.70, ("float", "0.001"): 0.90}
+    val[("float", "0.01")] = 0.75
+    rows = {}
+    for cell in tune_cells:
+        key = (cell.labels["method"], cell.labels["lr"])
+        noise = 0.02 if cell.seed == 10 else -0.02
+        rows[cell.name] = _Poisoned(val_acc=val[key] + noise, test_acc=1.0 - val[key])
+    per_setting = select_values(tune_cells, rows, {**grid.selections["tune"], "pool": []})
+    assert {json.loads(k)["method"]: v["value"] for k, v in per_setting.items()} == {
+        "qat": 1e-2,
+        "float": 1e-3,
+    }
+    chosen = select_values(tune_cells, rows, grid.selections["tune"])
+    assert list(chosen) == ["{}"]  # one arm: every method
+    assert chosen["{}"]["value"] == 1e-3 and chosen["{}"]["seeds"] == 4
+    assert chosen["{}"]["means"] == pytest.approx({"0.001": 0.75, "0.01": 0.725})
+    for cell in (c for c in grid.cells if c.stage == "final"):
+        assert cell.uses["train.lr"]["arm"] == {}
+        assert resolve(cell, {"tune": chosen}) and cell.config["train"]["lr"] == 1e-3
+
+    for pool, message in ((["lr"], "other than the selected one"), (["model"], "'model' must")):
+        bad = {**tune, "select": {**tune["select"], "pool": pool}}
+        with pytest.raises(ConfigError, match=message):
+            expand(_doc(tiny_data_config, stages=[bad, final]))
+
+
 def test_selection_stage_runs_first_and_final_seeds_use_its_choice(tmp_path, tiny_data_config):
     grid = expand(_doc(tiny_data_config, stages=[TUNE, FINAL]))
     out = tmp_path / "cmp"
