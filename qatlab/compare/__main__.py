@@ -1,6 +1,6 @@
-"""``python -m qatlab.compare STUDY``: the studies that are still modules of their own (saq,
-talr: each needs analyses that the grid report does not have yet). A grid file or a preset
-(``oscreg``, ``oscillations``, ``demo``, ``full``) runs with ``qatlab compare NAME``: this
+"""``python -m qatlab.compare STUDY``: the studies that are still modules of their own (talr:
+it needs analyses that the grid report does not have yet). A grid file or a preset (``saq``,
+``oscreg``, ``oscillations``, ``demo``, ``full``) runs with ``qatlab compare NAME``: this
 module does not call the CLI, which sits above :mod:`qatlab.compare` in the layers."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-STUDIES = ("saq", "talr")
+STUDIES = ("talr",)
 
 
 def main(argv: list[str] | None = None) -> None:
