@@ -372,6 +372,34 @@ def test_talr_preset_selects_lambda_on_its_own_seeds():
     assert all(c.config["train"]["monitors"][0]["name"] == "flips" for c in by_stage["paper"])
 
 
+def test_saq_preset_selects_one_value_per_arm_on_its_own_seeds():
+    from qatlab.compare.spec import load_grid
+
+    grid = load_grid("saq")
+    by_stage: dict[str, list] = {}
+    for cell in grid.cells:
+        by_stage.setdefault(cell.stage, []).append(cell)
+    assert {s: len(c) for s, c in by_stage.items()} == {
+        "lsq_tune": 24,
+        "saq_tune": 48,
+        "lsq": 12,
+        "saq": 12,
+        "saq_paper": 12,
+        "lsq2x": 12,
+        "saq_lr": 12,
+    }
+    assert {c.seed for s in ("lsq_tune", "saq_tune") for c in by_stage[s]} == {100, 101}
+    for name in ("lsq_tune", "saq_tune"):
+        assert grid.selections[name]["pool"] == ["model", "bits"]
+    for cell in by_stage["lsq"] + by_stage["saq"] + by_stage["lsq2x"] + by_stage["saq_lr"]:
+        assert cell.seed in (0, 1, 2) and cell.pending
+        assert all(use["arm"] == {} for use in cell.uses.values())  # one value for all settings
+    assert set(by_stage["saq_lr"][0].uses) == {"method", "train.lr"}
+    assert {c.config["train"]["epochs"] for c in by_stage["lsq2x"]} == {24}
+    paper = by_stage["saq_paper"][0].config["method"]
+    assert paper == {"name": "saq", "case": 3, "ball": "std", "rho": 0.3}
+
+
 def test_a_cell_finished_before_cell_keys_is_adopted_not_retrained(tmp_path, tiny_data_config):
     old = {"measure": "logged", "key": "val_acc", "reduce": "max"}
     doc = _doc(tiny_data_config, follow_ups=[old])
