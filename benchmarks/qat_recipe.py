@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
 
-from qatlab.compare.grid import run_jobs, train_job
 from qatlab.compare.report import markdown_table, mean_std
 
 # model, bits, epochs, arms (cnn1d without the previous defaults, to keep the run short)
@@ -71,6 +71,20 @@ def config(model: str, bits: int, arm: str, seed: int, epochs: int, runs: Path) 
     return cfg
 
 
+def train_job(cfg_dict: dict) -> dict:
+    """Train one run (resume it, or read it back if finished); return its summary."""
+    import torch
+
+    from qatlab.train import RunConfig, run
+
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_dict(cfg_dict)
+    if (cfg.run_dir / "summary.json").is_file():
+        return json.loads((cfg.run_dir / "summary.json").read_text())
+    started = any((cfg.run_dir / f).is_file() for f in ("ckpt.pt", "config.yaml"))
+    return run(cfg, resume=started, verbose=False)
+
+
 def job(cfg: dict) -> dict:
     summary = train_job(cfg)
     _, model, w, arm, seed = cfg["name"].split("-")
@@ -100,7 +114,8 @@ def main() -> None:
         for s in range(args.seeds)
         for arm in arms
     ]
-    rows = run_jobs([(job, c) for c in cfgs], args.jobs, "qat_recipe")
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        rows = pool.map(job, cfgs, chunksize=1)
     wall = time.perf_counter() - start
     table = mean_std(rows, ["model", "bits", "arm", "method"], ["acc"])
     order = list(ARMS)

@@ -115,6 +115,43 @@ def test_selection_follows_validation_never_test(tiny_data_config):
         expand(_doc(tiny_data_config, stages=[{**tune, "select": {"axis": "train.x"}}, final]))
 
 
+def test_pooled_selection_picks_one_value_for_every_setting(tiny_data_config):
+    tune = {**TUNE, "axes": {"method.name": ["float", "qat"], "train.lr": [1e-3, 1e-2]}}
+    tune["set"] = {"quant": {"weight_bits": 4, "act_bits": 4}}
+    tune["select"] = {"axis": "train.lr", "metric": "val_acc", "pool": ["method"]}
+    final = {**FINAL, "axes": {"method.name": ["float", "qat"]}}
+    grid = expand(_doc(tiny_data_config, stages=[tune, final]))
+    assert grid.selections["tune"]["pool"] == ["method"]
+    tune_cells = [c for c in grid.cells if c.stage == "tune"]
+    # per method, validation prefers 1e-2 for qat and 1e-3 for float; pooled over both methods
+    # (and seeds) 1e-3 wins: (0.60 + 0.90) / 2 = 0.75 > (0.70 + 0.75) / 2 = 0.725. Test
+    # numbers (1 - val) would pick 1e-2 pooled.
+    val = {("qat", "0.001"): 0.60, ("qat", "0.01"): 0.70, ("float", "0.001"): 0.90}
+    val[("float", "0.01")] = 0.75
+    rows = {}
+    for cell in tune_cells:
+        key = (cell.labels["method"], cell.labels["lr"])
+        noise = 0.02 if cell.seed == 10 else -0.02
+        rows[cell.name] = _Poisoned(val_acc=val[key] + noise, test_acc=1.0 - val[key])
+    per_setting = select_values(tune_cells, rows, {**grid.selections["tune"], "pool": []})
+    assert {json.loads(k)["method"]: v["value"] for k, v in per_setting.items()} == {
+        "qat": 1e-2,
+        "float": 1e-3,
+    }
+    chosen = select_values(tune_cells, rows, grid.selections["tune"])
+    assert list(chosen) == ["{}"]  # one arm: every method
+    assert chosen["{}"]["value"] == 1e-3 and chosen["{}"]["seeds"] == 4
+    assert chosen["{}"]["means"] == pytest.approx({"0.001": 0.75, "0.01": 0.725})
+    for cell in (c for c in grid.cells if c.stage == "final"):
+        assert cell.uses["train.lr"]["arm"] == {}
+        assert resolve(cell, {"tune": chosen}) and cell.config["train"]["lr"] == 1e-3
+
+    for pool, message in ((["lr"], "other than the selected one"), (["model"], "'model' must")):
+        bad = {**tune, "select": {**tune["select"], "pool": pool}}
+        with pytest.raises(ConfigError, match=message):
+            expand(_doc(tiny_data_config, stages=[bad, final]))
+
+
 def test_selection_stage_runs_first_and_final_seeds_use_its_choice(tmp_path, tiny_data_config):
     grid = expand(_doc(tiny_data_config, stages=[TUNE, FINAL]))
     out = tmp_path / "cmp"
@@ -343,6 +380,34 @@ def test_talr_preset_selects_lambda_on_its_own_seeds():
         assert cell.seed in (0, 1, 2) and cell.config["method"]["name"] == "qat"
         assert cell.pending and set(cell.uses["train.lr"]["arm"]) == {"model", "bits"}
         assert cell.config["train"].get("schedule", "cosine") == "cosine"
+
+
+def test_saq_preset_selects_one_value_per_arm_on_its_own_seeds():
+    from qatlab.compare.spec import load_grid
+
+    grid = load_grid("saq")
+    by_stage: dict[str, list] = {}
+    for cell in grid.cells:
+        by_stage.setdefault(cell.stage, []).append(cell)
+    assert {s: len(c) for s, c in by_stage.items()} == {
+        "lsq_tune": 24,
+        "saq_tune": 48,
+        "lsq": 12,
+        "saq": 12,
+        "saq_paper": 12,
+        "lsq2x": 12,
+        "saq_lr": 12,
+    }
+    assert {c.seed for s in ("lsq_tune", "saq_tune") for c in by_stage[s]} == {100, 101}
+    for name in ("lsq_tune", "saq_tune"):
+        assert grid.selections[name]["pool"] == ["model", "bits"]
+    for cell in by_stage["lsq"] + by_stage["saq"] + by_stage["lsq2x"] + by_stage["saq_lr"]:
+        assert cell.seed in (0, 1, 2) and cell.pending
+        assert all(use["arm"] == {} for use in cell.uses.values())  # one value for all settings
+    assert set(by_stage["saq_lr"][0].uses) == {"method", "train.lr"}
+    assert {c.config["train"]["epochs"] for c in by_stage["lsq2x"]} == {24}
+    paper = by_stage["saq_paper"][0].config["method"]
+    assert paper == {"name": "saq", "case": 3, "ball": "std", "rho": 0.3}
 
 
 def test_a_cell_finished_before_cell_keys_is_adopted_not_retrained(tmp_path, tiny_data_config):

@@ -421,12 +421,6 @@ def test_bad_contrasts_stop_the_cli_in_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_study_intervals_use_the_exact_t_beyond_8_degrees_of_freedom():
-    """The study modules' intervals used t = 1.96 for df > 8 (too narrow: 2.160 at df 13)."""
-    from qatlab.compare import saq
-
-    assert saq.t975(13) == pytest.approx(2.160, abs=5e-4)  # was 2.179 (df 12's)
-
 
 def test_oscreg_claims_carry_paired_intervals_over_seeds():
     from qatlab.compare.oscreg_section import claims

@@ -46,6 +46,9 @@ More keys (issue 21)::
 ``select``: per arm of the stage (its labels without the selected axis) the value of ``axis``
 whose mean over the stage's seeds of ``metric`` is best (``mode`` max or min; default min for
 a loss, else max). Only validation (``val_*``) metrics may select: test numbers never choose.
+``pool`` (label columns, as a contrast's) merges the arms that differ only in those columns:
+``select: {axis: train.lr, pool: [model, bits]}`` picks one value for every model and width,
+the best mean over all their cells (every pooled setting and seed; a default is one number).
 ``use: {KEY: STAGE}`` sets KEY of each cell to the value STAGE selected for the arm whose
 labels agree with the cell's on the columns both have (exactly one arm must match); such a
 stage is expanded (with every candidate value, for the checks) now but runs after STAGE
@@ -96,7 +99,7 @@ STAGE_KEYS = (
     "use",
     "monitors",
 )
-SELECT_KEYS = ("axis", "metric", "mode")
+SELECT_KEYS = ("axis", "metric", "mode", "pool")
 PLOT_KEYS = ("key", "scale", "ylabel", "title")
 ALL_METHODS = "*"
 
@@ -504,9 +507,18 @@ def _selection(spec: Any, stage: str, axes: dict[str, list], cells: list[Cell]) 
     if mode not in ("max", "min"):
         raise ConfigError(f"stage {stage!r}: select mode must be max or min, got {mode!r}")
     column = _column(axis, axes)
+    pool = spec.get("pool") or []
+    pool = pool if isinstance(pool, list) else [pool]
+    columns = {c for cell in cells for c in cell.labels}
+    for col in pool:
+        if col not in columns or col == column:
+            raise ConfigError(
+                f"stage {stage!r}: select pool {col!r} must be a label column of the stage "
+                f"other than the selected one ({', '.join(sorted(columns - {column})) or 'none'})"
+            )
     arms = []
     for cell in cells:
-        arm = {k: v for k, v in cell.labels.items() if k != column}
+        arm = {k: v for k, v in cell.labels.items() if k != column and k not in pool}
         if arm not in arms:
             arms.append(arm)
     return {
@@ -514,6 +526,7 @@ def _selection(spec: Any, stage: str, axes: dict[str, list], cells: list[Cell]) 
         "column": column,
         "metric": metric,
         "mode": mode,
+        "pool": list(pool),
         "values": axes[axis],
         "arms": arms,
     }
@@ -563,14 +576,16 @@ def select_values(
     cells: list[Cell], rows: dict[str, dict[str, Any]], selection: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The selection of one stage: per arm (``arm_key``), the axis value whose mean over seeds
-    of ``selection["metric"]`` (a ``val_*`` key, nothing else of a row is read) is best.
+    (and the ``pool`` columns' values: one mean over all those cells) of ``selection["metric"]``
+    (a ``val_*`` key, nothing else of a row is read) is best.
     ``rows``: finished cells' result rows by cell name; failed cells and non-finite numbers
     are left out, a value none of whose seeds finished is not a candidate. Returns
-    ``{arm_key: {"value", "label", "means": {label: mean}, "seeds": n}}`` (arms with no
-    candidate are absent)."""
+    ``{arm_key: {"value", "label", "means": {label: mean}, "seeds": n}}`` (``n``: the cells
+    the chosen value's mean is over; arms with no candidate are absent)."""
     import math
 
     axis, column, metric = selection["axis"], selection["column"], selection["metric"]
+    drop = {column, *selection.get("pool", ())}
     sign = 1.0 if selection["mode"] == "max" else -1.0
     per_arm: dict[str, dict[str, list]] = {}
     values: dict[str, Any] = {}
@@ -583,7 +598,7 @@ def select_values(
             continue
         if not math.isfinite(value):
             continue
-        arm = arm_key({k: v for k, v in cell.labels.items() if k != column})
+        arm = arm_key({k: v for k, v in cell.labels.items() if k not in drop})
         label = cell.labels[column]
         values[label] = _get(cell.config, axis)
         per_arm.setdefault(arm, {}).setdefault(label, []).append(float(value))
