@@ -7,7 +7,7 @@ one random MNIST-1D-shaped batch (128 x 1 x 40, torch seed ``--seed``), SGD at l
 moves). Why: the same ``rho`` is a ball 10-40x larger relative to ``q(w)`` in raw units than in
 the SAQ authors' standardized-weight units (docs/results/saq.md, "The two balls").
 
-Run: ``python benchmarks/saq_ball.py --rho 0.3 --csv docs/results/saq/ball_sizes.csv`` (a few
+Run: ``python benchmarks/saq_ball.py --rho 0.3 --csv docs/results/saq_ball_sizes.csv`` (a few
 seconds of CPU; ``--seed``, default 0). Prints a markdown table; ``--csv`` also writes its rows.
 """
 

@@ -492,3 +492,16 @@ def test_search_options_progress_and_errors():
         sigma_search(model, x, y[:5])
     with pytest.raises(ConfigError, match="dims"):
         loss_landscape(model, x, y, dims=3)
+
+
+def test_final_columns_keep_their_base_columns_scale_and_better_side():
+    """``final_gap_acc`` was shown as 'higher is better' and ``final_train_loss`` x100."""
+    import qatlab.measure  # noqa: F401  (registers the columns)
+    from qatlab.measure.registry import column_for
+
+    for key in ("gap_acc", "train_loss", "test_acc"):
+        base, final = column_for(key)[0], column_for(f"final_{key}")[0]
+        assert (final.scale, final.digits, final.better) == (base.scale, base.digits, base.better)
+    assert column_for("final_gap_acc")[0].better == "min"
+    assert column_for("final_train_loss")[0].scale == 1.0
+    assert column_for("final_gap_acc")[1] == "final: gap (acc) %"

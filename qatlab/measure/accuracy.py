@@ -52,7 +52,7 @@ def _final_label(rest: str) -> str | None:
     return None if entry is None else f"final: {entry[1]}"
 
 
-register_column(Column("final_", "final: {}", label=_final_label, order=1))
+register_column(Column("final_", "final: {}", label=_final_label, order=1, of_rest=True))
 
 
 @register_measure("accuracy")

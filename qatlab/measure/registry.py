@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,7 +81,8 @@ class Column:
     ``key`` is an exact key, or a prefix ending in ``_`` for a family (``ptq_W4A4``...): then
     ``{}`` in ``header`` is replaced by the rest of the key, or ``label(rest)`` gives the header
     (None: that key is not a column). ``section``: the report table that shows it. ``order``:
-    columns of a table sort by (order, registration): 1 puts one last.
+    columns of a table sort by (order, registration): 1 puts one last. ``of_rest``: the rest of
+    the key is itself a column (``final_gap_acc``): scale, digits and better side are its.
     """
 
     key: str
@@ -92,6 +93,7 @@ class Column:
     section: str = "accuracy"
     label: Callable[[str], str | None] | None = field(default=None, compare=False)
     order: int = 0
+    of_rest: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,10 @@ def column_for(key: str) -> tuple[Column, str] | None:
                 header = col.label(suffix)
                 if header is None:
                     continue
+                inner = column_for(suffix) if col.of_rest else None
+                if inner is not None:
+                    rest = inner[0]
+                    col = replace(col, scale=rest.scale, digits=rest.digits, better=rest.better)
                 return col, header
             return col, col.header.format(suffix)
     return None
