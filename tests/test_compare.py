@@ -252,8 +252,11 @@ def test_presets_expand():
     float_only = [n for n, s in METHODS.items() if s.needs_quant is False]
     assert all(c.labels["bits"] == "float" for c in demo.cells if c.labels["method"] in float_only)
     osc = load_grid("oscillations")
-    assert len(osc.cells) == 6 + 36
-    assert all(c.depends_on for c in osc.cells if c.stage == "qat")
+    assert len(osc.cells) == 6 + 36 + 9  # float, qat, long (mobilenetv2 W3A3 x 3 methods x 3)
+    assert all(c.depends_on for c in osc.cells if c.stage in ("qat", "long"))
+    long = [c for c in osc.cells if c.stage == "long"]
+    assert {c.depends_on for c in long} == {f"float-mobilenetv2-s{s}" for s in (0, 1, 2)}
+    assert {c.config["train"]["epochs"] for c in long} == {24}  # 3x the qat stage's 8
     reg = load_grid("oscreg")  # the former study module's 63 runs (same configs, see oscreg.md)
     assert len(reg.cells) == 63
     for cell in reg.cells:  # every regularizer arm selects its epoch at its own target width

@@ -129,6 +129,8 @@ def _folder(tmp_path: Path, grid: dict | Grid, acc: dict) -> Path:
         if callable(acc):  # a preset's contrast metrics
             row.update({k: value for k in ("acc_bn", "osc_share", "xb_2", "xb_3", "xb_4")})
             row.update({k: value for k in ("xbf_2", "xbf_3", "xbf_4")})
+            row.update({k: value for k in ("final_test_acc", "final_acc_bn")})
+            row.update({k: value for k in ("logged_osc_share_max", "logged_osc_share_mean")})
         (out / "cells" / cell.name).mkdir(parents=True)
         (out / "cells" / cell.name / "result.json").write_text(json.dumps(row))
     return out
@@ -348,7 +350,14 @@ def test_preset_contrasts_find_every_control(tmp_path, preset):
         assert pairs["sweep 100.0"] == {"reg 2 0.0"}
         assert len(pairs) == 3 + 3 + 2 + 3  # reg λ=1, const, uniform, sweep
     elif preset == "oscillations":
-        assert pairs["qat mlp5 W3A3 freeze"] == {"qat mlp5 W3A3 track"} and len(pairs) == 8
+        assert pairs["qat mlp5 W3A3 freeze"] == {"qat mlp5 W3A3 track"}
+        long = "long mobilenetv2 W3A3"
+        assert pairs[f"{long} freeze"] == {f"{long} track", f"{long} freeze"}  # + BN: itself
+        # control: self (BN re-estimation): the mobilenetv2 track arms are their own control
+        assert pairs["long mobilenetv2 W3A3 track"] == {"long mobilenetv2 W3A3 track"}
+        assert pairs["qat mobilenetv2 W4A4 track"] == {"qat mobilenetv2 W4A4 track"}
+        assert "qat mlp5 W4A4 track" not in pairs
+        assert len(pairs) == 8 + 2 + 3  # qat dampen/freeze, qat mobilenetv2 track, long
     else:
         assert pairs["digits saq W2A2"] == {"digits qat W2A2"} and len(pairs) == 5 * 3 * 3
 
@@ -501,3 +510,30 @@ def test_pool_merges_arms_that_differ_only_in_the_pooled_columns(tmp_path):
     assert freeze.paired.n == 4  # W4A4 x3 + W2A2 seed 0
     with pytest.raises(ConfigError, match="pool"):
         parse_contrasts([{**contrast, "pool": ["method"]}], label_values(res.cells))
+
+
+def test_control_self_pairs_two_columns_of_each_arms_own_rows(tmp_path):
+    """``control: self`` (BN re-estimation's gain: acc_bn vs test_acc of the same cells): each
+    chosen arm is its own control, seed by seed; without control_metric it is refused."""
+    own = {"metric": "val_acc", "control": "self", "control_metric": "test_acc"}
+    grid = {**GRID, "contrasts": [{**own, "arms": {"method": ["qat", "freeze"]}}]}
+    out = _folder(tmp_path, grid, ACC)
+    (table,) = _tables(contrast_blocks(load_results(out)))
+    # val_acc = test_acc + 0.01 * seed: d = 0, .01, .02 (freeze W2A2: seed 0 only, d = 0)
+    assert [r[:6] for r in table.rows] == [
+        ["qat W4A4", "qat W4A4", "val_acc vs test_acc", "3", "+1.00", "[-1.48, +3.48]"],
+        ["qat W2A2", "qat W2A2", "val_acc vs test_acc", "3", "+1.00", "[-1.48, +3.48]"],
+        ["freeze W4A4", "freeze W4A4", "val_acc vs test_acc", "3", "+1.00", "[-1.48, +3.48]"],
+        ["freeze W2A2", "freeze W2A2", "val_acc vs test_acc", "1", "+0.00", "– (n<2)"],
+    ]
+    doc = json.loads((out / "contrasts.json").read_text())
+    assert doc[0]["control"] == "self"
+    pairs = doc[0]["lines"][0]["pairs"]
+    assert [(p["arm_cell"] == p["control_cell"], p["arm_value"]) for p in pairs] == [
+        (True, 0.90),
+        (True, 0.92 + 0.01),
+        (True, 0.91 + 0.02),
+    ]
+    assert [p["control_value"] for p in pairs] == [0.90, 0.92, 0.91]
+    with pytest.raises(ConfigError, match="control: self .* needs control_metric"):
+        expand({**GRID, "contrasts": [{"metric": "acc_bn", "control": "self"}]})

@@ -13,6 +13,9 @@ the same other labels (arms of a stage with other axes match on the columns both
 a template filled with the arm's labels: ``{metric: corr_mean, control: {bits: float},
 control_metric: "ptqcorr_{bits}"}`` pairs each QAT model's corrupted accuracy with the float
 model's after post-training quantization at the arm's own width.
+``control: self`` pairs two columns of each arm's own rows (``control_metric`` required):
+``{metric: acc_bn, control: self, control_metric: test_acc}`` is what BatchNorm re-estimation
+changes in each arm, seed by seed (use ``arms`` to pick the arms).
 ``pool`` (optional, label columns) merges the arms that differ only in those columns into one
 line whose pairs are (their values, seed): ``pool: [stage, model, lr]`` gives one line per bit
 width over every data set, model, learning rate and seed.
@@ -52,6 +55,7 @@ class Contrast:
     better: str | None = None  # None: the metric's registered column says, else "max"
     control_metric: str | None = None  # template over the arm's labels, e.g. "ptqcorr_{bits}"
     pool: tuple[str, ...] = ()  # label columns whose arms are merged (pairs: their values, seed)
+    own: bool = False  # control: self, each arm against another column of its own rows
 
     def control_key(self, metric: str, arm_labels: dict[str, str]) -> str:
         """The column the control's value is read from, for an arm with ``arm_labels``."""
@@ -60,6 +64,8 @@ class Contrast:
         return self.control_metric.format(**arm_labels)
 
     def describe(self) -> str:
+        if self.own:
+            return f"the same arm's {self.control_metric}"
         return ", ".join(f"{k}={v}" for k, v in self.control.items())
 
 
@@ -96,7 +102,14 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
             f"{where} needs metric: a result column such as test_acc (or a list), got {metric!r}"
         )
     control = item.get("control")
-    if not isinstance(control, dict) or not control:
+    own = control == "self"
+    if own:
+        if item.get("control_metric") is None:
+            raise ConfigError(
+                f"{where}: control: self pairs two columns of each arm and needs control_metric"
+            )
+        control = {}
+    elif not isinstance(control, dict) or not control:
         raise ConfigError(f"{where} needs control: {{label: value}}, e.g. {{method: qat}}")
     control = {str(k): _value(v, f"{where} control", k, values) for k, v in control.items()}
     arms = item.get("arms") or {}
@@ -136,7 +149,9 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
                 f"{where} pool: {column!r} must be a label column other than the control's "
                 f"(columns: {', '.join(values)})"
             )
-    return Contrast(tuple(metrics), control, arms, float(tie), better, control_metric, tuple(pool))
+    return Contrast(
+        tuple(metrics), control, arms, float(tie), better, control_metric, tuple(pool), own
+    )
 
 
 def _value(value: Any, where: str, column: Any, values: dict[str, list[str]]) -> str:
@@ -217,6 +232,8 @@ def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | Non
     lacks = any(c not in labels for c in contrast.control)
     if any(arm.labels.get(c) not in allowed for c, allowed in contrast.arms.items()):
         return None
+    if contrast.own:
+        return arm
     target = {**labels, **contrast.control}
     if target == labels:
         return None
@@ -418,7 +435,7 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
         doc.append(
             {
                 "metrics": list(contrast.metrics),
-                "control": contrast.control,
+                "control": "self" if contrast.own else contrast.control,
                 "arms": contrast.arms,
                 "tie": contrast.tie,
                 "lines": entries,
