@@ -145,7 +145,7 @@ def column_for(key: str) -> tuple[Column, str] | None:
 
 def column_rank(column: Column) -> tuple[int, int]:
     """Sort key of a column within its table: (order, registration index)."""
-    return column.order, next(i for i, c in enumerate(COLUMNS) if c is column)
+    return column.order, next(i for i, c in enumerate(COLUMNS) if c.key == column.key)
 
 
 def is_number(value: Any) -> bool:
