@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -15,7 +16,6 @@ import pytest
 
 from qatlab.cli import main
 from qatlab.compare import markdown_table, mean_std
-from qatlab.compare.oscreg_section import claims
 from qatlab.compare.spec import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,30 +176,44 @@ def test_stages_run_dependencies_first(tmp_path, tiny_data_config):
 
 
 def test_oscreg_preset_states_the_claims_from_its_own_rows(tmp_path, tiny_data_config):
-    """The oscreg preset (shrunk: 1 seed, 2 epochs, tiny data) runs every arm, and its report
-    section's numbers are the stored cross-bit columns (claim 2: LSQ as trained minus the
-    regularized model's 2-bit PTQ accuracy, final epoch)."""
+    """The oscreg preset (shrunk: 1 seed, 2 epochs, tiny data) runs every arm with general grid
+    features only: claim 2 is a contrast line (the regularized model's 2-bit PTQ accuracy
+    minus LSQ's as trained, final epoch) equal to the stored cross-bit columns; the per-layer
+    statistics are a logged reduction (last value of metrics.jsonl) and a plot per key."""
+    from qatlab.train.metrics import read_jsonl
+
     out = tmp_path / "osc"
+    sweep = {"method.lam": {"values": [100.0], "labels": ["λ=100"]}, "method.target_bits": [2]}
     sets = [
         "seeds=[0]",
         "base.train.epochs=2",
         f"base.data={json.dumps(tiny_data_config)}",
         "base.model.width=16",
-        "stages.4.axes={method.lam: [100.0]}",
+        f"stages.4.axes={json.dumps(sweep)}",
         *(f"stages.{i}.set.method.stats_every=4" for i in (1, 2, 4)),
     ]
     args = ["compare", "oscreg", "--out", str(out), "--workers", "2"]
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
-    text = (out / "report.md").read_text()
-    assert "## The paper's claims here" in text and "## Lambda sweep" in text
-    assert (out / "oscreg_crossbit.png").is_file() and (out / "oscreg_stats.png").is_file()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by = {r["cell"]: r for r in rows}
     assert len(rows) == 19 and all("xbf_float" in r for r in rows)
-    gap = by["qat-w2a-lsq-s0"]["xbf_trained"] - by["reg-2-1.0-s0"]["xbf_2"]
-    final = text[text.index("**final models**") :]
-    assert f"QAT as trained minus oscreg + PTQ at 2 bits: LSQ {gap * 100:+.1f}" in final
-    assert "bin_pos/" in text  # the per-layer statistics table
+    reg, lsq = by["reg-authors--gradient-λ=1-2-s0"], by["qat-lsq-w2a-s0"]
+    assert reg["arm"] == "oscreg + PTQ authors' gradient λ=1 target_bits=2"
+    with (out / "contrasts.csv").open() as fh:
+        lines = list(csv.DictReader(fh))
+    claim = [
+        r
+        for r in lines
+        if r["arm"] == reg["arm"] and r["control"] == "QAT LSQ W2A-" and r["metric"] == "xbf_2"
+    ]
+    assert len(claim) == 1 and claim[0]["control_metric"] == "xbf_trained"
+    assert float(claim[0]["mean_diff"]) == pytest.approx(reg["xbf_2"] - lsq["xbf_trained"])
+    records = read_jsonl(out / "cells" / reg["cell"] / "metrics.jsonl")
+    last = [r["max_std/3"] for r in records if "max_std/3" in r][-1]
+    assert reg["logged_max_std.3_last"] == last and "logged_max_std.3_last" not in lsq
+    text = (out / "report.md").read_text()
+    assert "## Logged series\n" in text and (out / "logged_max_std_3.png").is_file()
+    assert "## Paired contrasts" in text and "## The paper's claims" not in text
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -297,23 +311,3 @@ def test_mean_std_groups_and_formats():
     assert a["x"] is None and a["acc"][2] == 2
     text = markdown_table(table, [("m", "method"), ("acc", "acc %"), ("x", "x")])
     assert "| a | 60.0 ± 14.1 | – |" in text and "| b | 90.0 ± 0.0 | 10.0 ± 0.0 |" in text
-
-
-def test_oscreg_claims_read_the_table():
-    def row(arm, target, b2, b3, b4, b8, bf, trained=None):
-        vals = {"b2": b2, "b3": b3, "b4": b4, "b8": b8, "bfloat": bf, "btrained": trained}
-        return {
-            "arm": arm,
-            "target": target,
-            **{k: (v, 0.0, 3) if v is not None else None for k, v in vals.items()},
-        }
-
-    table = [row("qat", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.8) for t in (2, 3, 4)]
-    table += [row("qatste", str(t), 0.6, 0.7, 0.7, 0.7, 0.7, 0.95) for t in (2, 3, 4)]
-    table += [row("reg", str(t), 0.5, 0.85, 0.9, 0.9, 0.9) for t in (2, 3, 4)]
-    text = "\n".join(b[1] for b in claims({"final": table}))
-    # 3- and 4-bit: +5/+10 points vs LSQ (0.8), -10/-5 vs max-abs STE (0.95)
-    assert "3-bit vs LSQ +5.0; 3-bit vs max-abs STE -10.0" in text
-    assert "Within 1 point or better in 2/4" in text
-    assert "QAT ahead in 2/2" in text
-    assert "Regularized ahead in 4/4" in text

@@ -286,6 +286,42 @@ def test_flips_monitor_logs_and_logged_reductions_and_plot(tmp_path, tiny_data_c
     assert "tr_tail50 (logged)" in report and "flip_share_epoch" not in report.split("## Logged")[1]
 
 
+def test_plot_keeps_the_arms_it_names_on_a_log_axis(tmp_path, monkeypatch):
+    """``plots: [{key, arms, log}]``: one line per kept arm (mean over seeds), log y axis;
+    an arm filter that keeps no arm with the series draws nothing."""
+    from qatlab.compare import report
+    from qatlab.compare.engine import prepare_folder
+    from qatlab.train import plots
+
+    def grid(arms: dict) -> dict:
+        doc = _doc({"name": "mnist1d"}, axes={"train.lr": [1e-3, 3e-3, 1e-2]}, seeds=[0, 1])
+        return {**doc, "plots": [{"key": "k", "arms": arms, "log": True}]}
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append((fig, path)))
+    for arms, lines in (({"lr": [0.003, 0.01]}, 2), ({"lr": [0.001]}, 0)):
+        g = expand(grid(arms))
+        out = tmp_path / str(len(drawn))
+        prepare_folder(out, g, "test")
+        for cell in g.cells:
+            folder = out / "cells" / cell.name
+            folder.mkdir(parents=True)
+            row = {"cell": cell.name, "stage": cell.stage, "seed": cell.seed, **cell.labels}
+            (folder / "result.json").write_text(json.dumps({**row, "arm": cell.arm}))
+            if cell.labels["lr"] != "0.001":  # the series: 10^(seed + step), steps 1 and 2
+                text = "".join(
+                    json.dumps({"step": s, "k": 10.0 ** (cell.seed + s)}) + "\n" for s in (1, 2)
+                )
+                (folder / "metrics.jsonl").write_text(text)
+        blocks = report._logged_plots(report.load_results(out))
+        assert len(blocks) == (2 if lines else 0)
+    ((fig, path),) = drawn
+    ax = fig.axes[0]
+    assert path.name == "logged_k.png" and ax.get_yscale() == "log"
+    got = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert got == {"lr=0.003": [55.0, 550.0], "lr=0.01": [55.0, 550.0]}  # (10 + 100) / 2 ...
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -295,6 +331,11 @@ def test_flips_monitor_logs_and_logged_reductions_and_plot(tmp_path, tiny_data_c
         ({"plots": [{"key": "tr", "scal": 1}]}, "unknown key 'scal' in a plot"),
         ({"follow_ups": [{"measure": "logged", "reduce": "median"}]}, "reduce must be among"),
         ({"stages": [{"name": "x", "seeds": []}]}, "seeds must be a non-empty list"),
+        (
+            {"axes": {"train.lr": [1e-3]}, "plots": [{"key": "tr", "arms": {"lr": [9]}}]},
+            "plot tr arms: no cell has lr='9'",
+        ),
+        ({"plots": [{"key": "tr", "log": "yes"}]}, "plot tr: log must be true or false"),
     ],
 )
 def test_bad_new_keys_are_one_line_before_anything_runs(tmp_path, capsys, extra, message):

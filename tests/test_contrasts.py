@@ -126,9 +126,10 @@ def _folder(tmp_path: Path, grid: dict | Grid, acc: dict) -> Path:
             "val_acc": value + 0.01 * cell.seed,
             "wall_time_s": 1.0,
         }
-        if callable(acc):  # a preset's contrast metrics
-            row.update({k: value for k in ("acc_bn", "osc_share", "xb_2", "xb_3", "xb_4")})
-            row.update({k: value for k in ("xbf_2", "xbf_3", "xbf_4")})
+        if callable(acc):  # a preset's contrast metrics, and the arm's name as the engine writes it
+            row.update({k: value for k in ("acc_bn", "osc_share")}, arm=cell.arm)
+            for width in ("2", "3", "4", "8", "float", "trained"):
+                row.update({f"xb_{width}": value, f"xbf_{width}": value})
             row.update({k: value for k in ("final_test_acc", "final_acc_bn")})
             row.update({k: value for k in ("logged_osc_share_max", "logged_osc_share_mean")})
         (out / "cells" / cell.name).mkdir(parents=True)
@@ -344,19 +345,38 @@ def test_preset_contrasts_find_every_control(tmp_path, preset):
         assert notes == [] and lines and all(line.paired.n == 3 for line in lines)
         for line in lines:
             pairs.setdefault(line.arm.name, set()).add(line.control.name)
-    if preset == "oscreg":  # the ablations: each against the same target's control
-        assert pairs["const 3"] == {"reg 3 0.0"}
-        assert pairs["uniform 2"] == {"reg 2 0.0", "reg 2 1.0"}
-        assert pairs["sweep 100.0"] == {"reg 2 0.0"}
-        assert len(pairs) == 3 + 3 + 2 + 3  # reg λ=1, const, uniform, sweep
+    if preset == "oscreg":  # each against the same target's control, float + PTQ, and QAT
+        reg, qat = "oscreg + PTQ", "QAT"
+        control, authors = f"{reg} λ=0 control", f"{reg} authors' gradient"
+        assert pairs[f"{reg} constant step target_bits=3"] == {
+            f"{control} target_bits=3",
+            "float + PTQ",
+        }
+        assert pairs[f"{reg} uniform agg. target_bits=2"] == {
+            f"{control} target_bits=2",
+            f"{authors} λ=1 target_bits=2",
+            "float + PTQ",
+        }
+        assert pairs[f"{authors} λ=100 target_bits=2"] == {
+            f"{control} target_bits=2",
+            "float + PTQ",
+        }
+        assert pairs[f"{authors} λ=1 target_bits=3"] == {
+            f"{control} target_bits=3",
+            "float + PTQ",
+            f"{qat} LSQ W3A-",
+            f"{qat} max-abs STE W3A-",
+        }
+        assert pairs[f"{control} target_bits=4"] == {"float + PTQ"}
+        assert len(pairs) == 3 + 3 + 3 + 2 + 3  # λ=0, λ=1, const, uniform, sweep
     elif preset == "oscillations":
-        assert pairs["qat mlp5 W3A3 freeze"] == {"qat mlp5 W3A3 track"}
-        long = "long mobilenetv2 W3A3"
+        assert pairs["qat model=mlp5 W3A3 freeze"] == {"qat model=mlp5 W3A3 track"}
+        long = "long model=mobilenetv2 W3A3"
         assert pairs[f"{long} freeze"] == {f"{long} track", f"{long} freeze"}  # + BN: itself
         # control: self (BN re-estimation): the mobilenetv2 track arms are their own control
-        assert pairs["long mobilenetv2 W3A3 track"] == {"long mobilenetv2 W3A3 track"}
-        assert pairs["qat mobilenetv2 W4A4 track"] == {"qat mobilenetv2 W4A4 track"}
-        assert "qat mlp5 W4A4 track" not in pairs
+        assert pairs[f"{long} track"] == {f"{long} track"}
+        assert pairs["qat model=mobilenetv2 W4A4 track"] == {"qat model=mobilenetv2 W4A4 track"}
+        assert "qat model=mlp5 W4A4 track" not in pairs
         assert len(pairs) == 8 + 2 + 3  # qat dampen/freeze, qat mobilenetv2 track, long
     else:
         assert pairs["digits saq W2A2"] == {"digits qat W2A2"} and len(pairs) == 5 * 3 * 3
@@ -431,30 +451,72 @@ def test_bad_contrasts_stop_the_cli_in_one_line(tmp_path, capsys):
 
 
 
-def test_oscreg_claims_carry_paired_intervals_over_seeds():
-    from qatlab.compare.oscreg_section import claims
-    from qatlab.compare.report import mean_std
-
-    cols = ["b2", "b3", "b4", "b8", "bfloat", "btrained"]
-    rows = []
-    for seed in range(3):
-        for arm in ("reg", "qat", "qatste"):
-            for t in ("2", "3", "4"):
-                vals = dict.fromkeys(cols, 0.7)
-                if (arm, t) == ("reg", "3"):
-                    vals["b3"] = [0.85, 0.86, 0.84][seed]
-                if (arm, t) == ("qat", "3"):
-                    vals["btrained"] = [0.80, 0.80, 0.81][seed]
-                lam = 1.0 if arm == "reg" else None
-                rows.append({"arm": arm, "target": t, "lam": lam, "model": "final", "seed": seed})
-                rows[-1].update(vals)
-    table = mean_std(rows, ["arm", "target"], cols)
-    text = "\n".join(b[1] for b in claims({"final": table}, rows))
+def test_templates_pair_each_arm_with_the_control_its_labels_name(tmp_path):
+    """oscreg's claim 1 by the general contrasts: a model regularized for target width t and
+    quantized after training to t bits (metric ``x_{target_bits}``) against the QAT model
+    trained at t bits (control ``bits: "W{target_bits}A4"``, its own column ``x_trained``);
+    the stage without target_bits (float) is not part of the contrast."""
+    grid = {
+        "name": "claims",
+        "base": BASE,
+        "seeds": [0, 1, 2],
+        "stages": [
+            {"name": "float"},
+            {
+                "name": "reg",
+                "set": {"method": {"name": "oscreg", "stats_every": 0}},
+                "axes": {"method.target_bits": [2, 3]},
+            },
+            {"name": "qat", "axes": {"quant": [{"weight_bits": b, "act_bits": 4} for b in (2, 3)]}},
+        ],
+        "contrasts": [
+            {
+                "metric": ["x_{target_bits}", "y_{target_bits}"],
+                "control": {"stage": "qat", "bits": "W{target_bits}A4"},
+                "control_metric": ["x_trained", "y_trained"],
+            }
+        ],
+    }
+    g = expand(grid)
+    out = _folder(tmp_path, g, lambda cell: 0.5)
+    ptq = {"2": [0.40, 0.42, 0.47], "3": [0.85, 0.86, 0.84]}  # regularized + PTQ at its target
+    trained = {"W2A4": [0.60, 0.61, 0.62], "W3A4": [0.80, 0.80, 0.81]}  # QAT as trained
+    for cell in g.cells:
+        path = out / "cells" / cell.name / "result.json"
+        row = json.loads(path.read_text())
+        if cell.stage == "reg":
+            t = cell.labels["target_bits"]
+            row.update({f"x_{t}": ptq[t][cell.seed], f"y_{t}": 1.0})
+        elif cell.stage == "qat":
+            row.update(x_trained=trained[cell.labels["bits"]][cell.seed], y_trained=1.0)
+        path.write_text(json.dumps(row))
+    (table,) = _tables(contrast_blocks(load_results(out)))
+    got = [(r[0], r[1], r[2], r[4], r[6]) for r in table.rows]
+    assert got == [
+        ("reg target_bits=2", "qat W2A4", "x_2 vs x_trained", "-18.00", "0/0/3"),
+        ("reg target_bits=2", "qat W2A4", "y_2 vs y_trained", "+0.00", "0/3/0"),
+        ("reg target_bits=3", "qat W3A4", "x_3 vs x_trained", "+4.67", "3/0/0"),
+        ("reg target_bits=3", "qat W3A4", "y_3 vs y_trained", "+0.00", "0/3/0"),
+    ]
     mean, lo, hi = _reference([0.05, 0.06, 0.03])
-    assert f"3-bit vs LSQ {mean * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]" in text
-    assert "3-bit vs LSQ +4.7 [+0.9, +8.5]" in text
-    assert "4-bit vs LSQ +0.0 [+0.0, +0.0]" in text
-    assert "[" not in "\n".join(b[1] for b in claims({"final": table}))  # no rows: as before
+    assert table.rows[2][5] == f"[{lo * 100:+.2f}, {hi * 100:+.2f}]" == "[+0.87, +8.46]"
+    doc = json.loads((out / "contrasts.json").read_text())
+    pairs = doc[0]["lines"][2]["pairs"]
+    assert [(p["arm_value"], p["control_value"]) for p in pairs] == [
+        (0.85, 0.8),
+        (0.86, 0.8),
+        (0.84, 0.81),
+    ]
+    assert doc[0]["lines"][2]["control_metric"] == "x_trained"
+    bad = [
+        ({"metric": "x_{bitz}", "control": {"stage": "qat"}}, "contrasts[0] metric 'x_{bitz}'"),
+        ({"metric": "x", "control": {"bits": "W{nope}A4"}}, "{'nope'} is not a label column"),
+        ({"metric": ["a", "b"], "control": {"stage": "qat"}, "control_metric": "c"}, "one column"),
+    ]
+    for contrast, message in bad:
+        with pytest.raises(ConfigError) as err:
+            expand({**grid, "contrasts": [contrast]})
+        assert message in str(err.value)
 
 
 def test_control_metric_reads_the_controls_value_from_a_template_column(tmp_path):

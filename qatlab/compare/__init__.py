@@ -7,7 +7,7 @@ Presets live in ``qatlab/compare/presets``.
 """
 
 # the opt-in report sections register themselves (qatlab.compare.sections) when imported
-from qatlab.compare import generalization_section, oscreg_section  # noqa: F401
+from qatlab.compare import generalization_section  # noqa: F401
 from qatlab.compare.report import build_report, markdown_table, mean_std
 from qatlab.compare.spec import load_grid, presets
 

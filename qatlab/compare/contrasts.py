@@ -9,10 +9,14 @@ the same other labels (arms of a stage with other axes match on the columns both
       - {metric: test_acc, control: {method: qat}}      # every other method vs qat, per setting
       - {metric: [xbf_2, xb_2], control: {stage: reg, lam: 0}, arms: {stage: [const, uniform]}}
 
-``control_metric`` (optional, one metric only) reads the control's value from another column,
-a template filled with the arm's labels: ``{metric: corr_mean, control: {bits: float},
-control_metric: "ptqcorr_{bits}"}`` pairs each QAT model's corrupted accuracy with the float
-model's after post-training quantization at the arm's own width.
+``control_metric`` (optional: one column, or a list with one per metric) reads the control's
+value from another column: ``{metric: corr_mean, control: {bits: float}, control_metric:
+"ptqcorr_{bits}"}`` pairs each QAT model's corrupted accuracy with the float model's after
+post-training quantization at the arm's own width. Metrics, control metrics and control values
+may be templates filled with the arm's labels (an arm without one of their columns is not part
+of the contrast): ``{metric: "xbf_{target_bits}", control: {stage: qat, bits:
+"W{target_bits}A-"}, control_metric: xbf_trained}`` pairs a model trained for target width t
+and quantized after training to t bits with the QAT model trained at t bits, as trained.
 ``control: self`` pairs two columns of each arm's own rows (``control_metric`` required):
 ``{metric: acc_bn, control: self, control_metric: test_acc}`` is what BatchNorm re-estimation
 changes in each arm, seed by seed (use ``arms`` to pick the arms).
@@ -48,24 +52,33 @@ LEVEL = 0.95
 class Contrast:
     """One ``contrasts:`` item, validated (values as the label strings of the cells)."""
 
-    metrics: tuple[str, ...]
-    control: dict[str, str]
+    metrics: tuple[str, ...]  # each may be a template over the arm's labels: "xbf_{target_bits}"
+    control: dict[str, str]  # values may be templates too: {bits: "W{target_bits}A-"}
     arms: dict[str, list[str]] = field(default_factory=dict)
     tie: float = 0.0
     better: str | None = None  # None: the metric's registered column says, else "max"
-    control_metric: str | None = None  # template over the arm's labels, e.g. "ptqcorr_{bits}"
+    control_metric: tuple[str, ...] | None = None  # one per metric, e.g. ("ptqcorr_{bits}",)
     pool: tuple[str, ...] = ()  # label columns whose arms are merged (pairs: their values, seed)
     own: bool = False  # control: self, each arm against another column of its own rows
 
     def control_key(self, metric: str, arm_labels: dict[str, str]) -> str:
-        """The column the control's value is read from, for an arm with ``arm_labels``."""
+        """The column the control's value is read from, for an arm with ``arm_labels``
+        (``metric``: one of :attr:`metrics`, as written)."""
         if self.control_metric is None:
-            return metric
-        return self.control_metric.format(**arm_labels)
+            return metric.format(**arm_labels)
+        return self.control_metric[self.metrics.index(metric)].format(**arm_labels)
+
+    def filled(self, arm_labels: dict[str, str]) -> dict[str, str] | None:
+        """The control values for an arm with ``arm_labels`` (templates filled); None when the
+        arm lacks a column that a template of this contrast names."""
+        texts = [*self.metrics, *self.control.values(), *(self.control_metric or ())]
+        if any(f not in arm_labels for t in texts for f in _fields(t)):
+            return None
+        return {k: v.format(**arm_labels) for k, v in self.control.items()}
 
     def describe(self) -> str:
         if self.own:
-            return f"the same arm's {self.control_metric}"
+            return f"the same arm's {', '.join(dict.fromkeys(self.control_metric or ()))}"
         return ", ".join(f"{k}={v}" for k, v in self.control.items())
 
 
@@ -111,16 +124,10 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
         control = {}
     elif not isinstance(control, dict) or not control:
         raise ConfigError(f"{where} needs control: {{label: value}}, e.g. {{method: qat}}")
+    for text in metrics:
+        _check_template(text, f"{where} metric", values)
     control = {str(k): _value(v, f"{where} control", k, values) for k, v in control.items()}
-    arms = item.get("arms") or {}
-    if not isinstance(arms, dict):
-        raise ConfigError(f"{where} arms must be a mapping {{label: [values]}}, got {arms!r}")
-    arms = {
-        str(k): [
-            _value(v, f"{where} arms", k, values) for v in (vs if isinstance(vs, list) else [vs])
-        ]
-        for k, vs in arms.items()
-    }
+    arms = parse_arms(item.get("arms"), f"{where} arms", values)
     tie = item.get("tie", 0.0)
     if not is_number(tie) or tie < 0:
         raise ConfigError(f"{where} tie must be a number >= 0 (metric units), got {tie!r}")
@@ -129,18 +136,15 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
         raise ConfigError(f"{where} better must be max or min, got {better!r}")
     control_metric = item.get("control_metric")
     if control_metric is not None:
-        if not isinstance(control_metric, str) or len(metrics) != 1:
+        given = control_metric if isinstance(control_metric, list) else [control_metric]
+        if not all(isinstance(c, str) and c for c in given) or len(given) != len(metrics):
             raise ConfigError(
-                f"{where} control_metric must be one column name (a template such as "
-                f"'ptqcorr_{{bits}}') and needs exactly one metric, got {control_metric!r}"
+                f"{where} control_metric must be one column name per metric (a template such "
+                f"as 'ptqcorr_{{bits}}'; {len(metrics)} metric(s)), got {control_metric!r}"
             )
-        try:
-            control_metric.format(**{k: "" for k in values})
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(
-                f"{where} control_metric {control_metric!r}: {{{exc}}} is not a label column "
-                f"(columns: {', '.join(values)})"
-            ) from None
+        for text in given:
+            _check_template(text, f"{where} control_metric", values)
+        control_metric = tuple(given)
     pool = item.get("pool") or []
     pool = pool if isinstance(pool, list) else [pool]
     for column in pool:
@@ -154,11 +158,42 @@ def _parse_one(item: Any, i: int, values: dict[str, list[str]]) -> Contrast:
     )
 
 
+def parse_arms(arms: Any, where: str, values: dict[str, list[str]]) -> dict[str, list[str]]:
+    """An ``arms: {label: [values]}`` filter (a contrast's or a plot's), checked against the
+    cells' label ``values`` and returned as label strings (``lam: 0`` -> ``"0.0"``)."""
+    arms = arms or {}
+    if not isinstance(arms, dict):
+        raise ConfigError(f"{where} must be a mapping {{label: [values]}}, got {arms!r}")
+    return {
+        str(k): [_value(v, where, k, values) for v in (vs if isinstance(vs, list) else [vs])]
+        for k, vs in arms.items()
+    }
+
+
+def _fields(text: str) -> list[str]:
+    """The ``{column}`` fields of a template (none for a plain name)."""
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+
+
+def _check_template(text: str, where: str, values: dict[str, list[str]]) -> None:
+    try:
+        text.format(**dict.fromkeys(values, ""))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{where} {text!r}: {{{exc}}} is not a label column (columns: {', '.join(values)})"
+        ) from None
+
+
 def _value(value: Any, where: str, column: Any, values: dict[str, list[str]]) -> str:
     if column not in values:
         raise ConfigError(
             f"{where}: {column!r} is not a label column of this grid (columns: {', '.join(values)})"
         )
+    if isinstance(value, str) and _fields(value):  # a template: checked when filled
+        _check_template(value, where, values)
+        return value
     label = "none" if value is None else str(value)
     if label not in values[column] and is_number(value):  # lam: 1 for the label "1.0"
         label = next((v for v in values[column] if _as_float(v) == value), label)
@@ -234,13 +269,16 @@ def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | Non
         return None
     if contrast.own:
         return arm
-    target = {**labels, **contrast.control}
+    control = contrast.filled(arm.labels)
+    if control is None:
+        return None
+    target = {**labels, **control}
     if target == labels:
         return None
     found = []
     for other in arms:
         have = _matching(other, contrast)
-        if other is arm or any(have.get(c) != v for c, v in contrast.control.items()):
+        if other is arm or any(have.get(c) != v for c, v in control.items()):
             continue
         if all(target[c] == v for c, v in have.items() if c in target):
             found.append(other)
@@ -249,9 +287,10 @@ def control_of(arm: Arm, contrast: Contrast, arms: list[Arm]) -> Arm | str | Non
         return exact[0]
     if len(found) == 1:
         return found[0]
+    said = ", ".join(f"{k}={v}" for k, v in control.items())
     if not found:
-        return None if lacks else f"{arm.name}: no control arm with {contrast.describe()}"
-    return f"{arm.name}: {len(found)} arms match {contrast.describe()} ({found[0].name}, ...)"
+        return None if lacks else f"{arm.name}: no control arm with {said}"
+    return f"{arm.name}: {len(found)} arms match {said} ({found[0].name}, ...)"
 
 
 def _matching(arm: Arm, contrast: Contrast) -> dict[str, str]:
@@ -273,9 +312,12 @@ class Line:
     control: Arm
     paired: Paired
     control_metric: str = ""  # the control's column (the metric itself unless a template)
+    template: str = ""  # the metric as the contrast writes it (before filling; for pooling)
+    values: dict[Any, tuple[Any, Any]] = field(default_factory=dict)  # pair -> (arm, control)
 
     def __post_init__(self) -> None:
         self.control_metric = self.control_metric or self.metric
+        self.template = self.template or self.metric
 
     @property
     def metric_name(self) -> str:
@@ -309,28 +351,29 @@ def contrast_lines(res: Any, contrast: Contrast) -> tuple[list[Line], list[str]]
         if isinstance(control, str):
             notes.append(control)
             continue
-        for m in contrast.metrics:
-            cm = contrast.control_key(m, arm.labels)
-            paired = paired_differences(
-                {s: r.get(m) for s, r in arm.cells.items()},
-                {s: r.get(cm) for s, r in control.cells.items()},
-                contrast.tie,
-                LEVEL,
-            )
+        for template in contrast.metrics:
+            m, cm = template.format(**arm.labels), contrast.control_key(template, arm.labels)
+            a = {s: r.get(m) for s, r in arm.cells.items()}
+            c = {s: r.get(cm) for s, r in control.cells.items()}
+            paired = paired_differences(a, c, contrast.tie, LEVEL)
             if paired.n or paired.unpaired:  # a metric neither arm has (not measured there)
-                lines.append(Line(contrast, m, arm, control, paired, cm))
+                pairs = {s: (a[s], c[s]) for s, _ in paired.diffs}
+                lines.append(Line(contrast, m, arm, control, paired, cm, template, pairs))
     return (_pooled(lines, contrast) if contrast.pool else lines), notes
 
 
 def _pooled(lines: list[Line], contrast: Contrast) -> list[Line]:
     """Lines of arms equal but for the ``pool`` columns merged: one line per remaining labels
-    and metric, its pairs keyed by (the pooled columns' values, seed)."""
+    and metric (as written: a template's columns may differ between the pooled arms), its
+    pairs keyed by (the pooled columns' values, seed)."""
     groups: dict[tuple, list[Line]] = {}
     for line in lines:
         keep = tuple((k, v) for k, v in line.arm.ident if k not in contrast.pool)
-        groups.setdefault((line.metric, keep), []).append(line)
+        groups.setdefault((line.template, keep), []).append(line)
     out = []
-    for (metric, keep), group in groups.items():
+    for (_, keep), group in groups.items():
+        metrics = {g.metric for g in group}
+        metric = metrics.pop() if len(metrics) == 1 else group[0].template
         pooled = ", ".join(contrast.pool)
         arm = Arm(keep, " ".join(v for _, v in keep if v) + f" (pooled over {pooled})")
         base = tuple((k, v) for k, v in group[0].control.ident if k not in contrast.pool)
@@ -340,13 +383,15 @@ def _pooled(lines: list[Line], contrast: Contrast) -> list[Line]:
             tag = tuple(v for k, v in line.arm.ident if k in contrast.pool)
             for seed, row in line.arm.cells.items():
                 arm.cells[(*tag, seed)] = row
-                arm_values[(*tag, seed)] = row.get(metric)
+                arm_values[(*tag, seed)] = row.get(line.metric)
             for seed, row in line.control.cells.items():
                 control.cells[(*tag, seed)] = row
                 control_values[(*tag, seed)] = row.get(line.control_metric)
         paired = paired_differences(arm_values, control_values, contrast.tie, LEVEL)
         cm = group[0].control_metric if len({g.control_metric for g in group}) == 1 else ""
-        out.append(Line(contrast, metric, arm, control, paired, cm or f"{metric} (per arm)"))
+        cm = cm or f"{group[0].template} (per arm)"
+        pairs = {k: (arm_values[k], control_values[k]) for k, _ in paired.diffs}
+        out.append(Line(contrast, metric, arm, control, paired, cm, group[0].template, pairs))
     return out
 
 
@@ -412,8 +457,8 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
     for contrast, lines, notes in results:
         entries = [
             {
-                "metric": (m := line.metric),
-                "control_metric": (cm := line.control_metric),
+                "metric": line.metric,
+                "control_metric": line.control_metric,
                 "arm": line.arm.name,
                 "control": line.control.name,
                 "verdict": line.verdict,
@@ -423,8 +468,8 @@ def contrast_pairs(results: list[Result]) -> list[dict[str, Any]]:
                         "seed": s,
                         "arm_cell": line.arm.cells[s]["cell"],
                         "control_cell": line.control.cells[s]["cell"],
-                        "arm_value": line.arm.cells[s][m],
-                        "control_value": line.control.cells[s].get(cm),
+                        "arm_value": line.values[s][0],
+                        "control_value": line.values[s][1],
                         "diff": d,
                     }
                     for s, d in line.paired.diffs
@@ -469,10 +514,17 @@ def contrast_blocks(res: Any) -> list:
         ),
     ]
     for contrast, lines, notes in results:
-        scales = {m: scale_of(m, res.rows) for m in contrast.metrics}
+        scales = {  # a pooled template's own values when no column is registered for it
+            x.metric: scale_of(x.metric, [{x.metric: v} for v, _ in x.values.values()])
+            if _fields(x.metric)
+            else scale_of(x.metric, res.rows)
+            for x in lines
+        }
         units = {u for _, u in scales.values()}
         unit = units.pop() if len(units) == 1 else ""
-        names = [(e[1] if (e := column_for(m)) else m) for m in contrast.metrics]
+        names = [
+            m if _fields(m) else (e[1] if (e := column_for(m)) else m) for m in contrast.metrics
+        ]
         head = f"{', '.join(names)} against {contrast.describe()}"
         if contrast.tie:
             tie = ", ".join(

@@ -536,15 +536,17 @@ def _oscillation(res: Results) -> list:
 def _logged_plots(res: Results) -> list:
     """The grid's ``plots``: each logged series over training steps, one line per arm (mean
     over seeds)."""
+    from qatlab.compare.contrasts import label_values
     from qatlab.compare.spec import check_plots
 
     blocks: list = []
-    for plot in check_plots(res.meta["grid"].get("plots")):
+    for plot in check_plots(res.meta["grid"].get("plots"), label_values(res.cells)):
         key = plot["key"]
         name = "logged_" + re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".png"
         ylabel = plot.get("ylabel") or key
         scale = float(plot.get("scale", 1.0))
-        if _plot_logged(res, key, name, ylabel, scale=scale, by_arm=True):
+        arms, log = plot.get("arms"), plot.get("log", False)
+        if _plot_logged(res, key, name, ylabel, scale=scale, by_arm=True, arms=arms, log=log):
             if not blocks:
                 blocks.append(("h2", "Logged series"))
             title = plot.get("title") or f"{key} over training, mean over seeds, per arm"
@@ -725,17 +727,22 @@ def _plot_logged(
     *,
     scale: float = 100.0,
     by_arm: bool = False,
+    arms: dict[str, list[str]] | None = None,
+    log: bool = False,
 ) -> bool:
     """A step-logged statistic over training (times ``scale``), mean over seeds: one panel per
     setting (the labels other than the method, e.g. the bit width), one line per method with
     its own colour, line style and marker (identical curves stay visible), one legend beside
-    the panels. ``by_arm``: one panel, one line per arm (the rows' ``arm``)."""
+    the panels. ``by_arm``: one panel, one line per arm (the rows' ``arm``); ``arms``: only
+    the groups whose labels take one of the listed values; ``log``: a log y axis."""
     from qatlab.train.plots import _save
 
     keys = res.group_keys()
     split = keys.index("method") if "method" in keys and not by_arm else None
     panels: dict[tuple, list[tuple[str, list[int], list[float]]]] = {}
     for key, members in _groups(res):
+        if any(str(members[0].get(c)) not in v for c, v in (arms or {}).items()):
+            continue
         curves = [
             {r["step"]: r[metric] for r in res.records(m["cell"]) if is_number(r.get(metric))}
             for m in members
@@ -780,6 +787,7 @@ def _plot_logged(
             )
         ax.set_title(" ".join(map(str, panel)) or metric, fontsize=9)
         ax.set_xlabel("training step")
+        ax.set_yscale("log" if log else "linear")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)

@@ -100,7 +100,7 @@ STAGE_KEYS = (
     "monitors",
 )
 SELECT_KEYS = ("axis", "metric", "mode", "pool")
-PLOT_KEYS = ("key", "scale", "ylabel", "title")
+PLOT_KEYS = ("key", "scale", "ylabel", "title", "arms", "log")
 ALL_METHODS = "*"
 
 
@@ -316,6 +316,12 @@ def expand(data: dict[str, Any], default_name: str = "comparison") -> Grid:
         for follow_up in cell.follow_ups:
             check_follow_up(follow_up)
     _check_contrasts(data.get("contrasts"), cells)
+    if data.get("plots"):  # a plot's arms: label values of these cells
+        from qatlab.compare.contrasts import label_values
+
+        check_plots(
+            data["plots"], label_values([{"stage": c.stage, "labels": c.labels} for c in cells])
+        )
     grid = Grid(name, str(data.get("description") or ""), data, cells, columns)
     grid.selections = {
         k: {key: v for key, v in sel.items() if key not in ("values", "arms")}
@@ -468,9 +474,12 @@ def _monitors(value: Any, where: str) -> list[dict[str, Any]]:
     return copy.deepcopy(value)
 
 
-def check_plots(plots: Any) -> list[dict[str, Any]]:
+def check_plots(plots: Any, values: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """``plots``: logged series to draw per arm over training steps, as keys or mappings
-    ``{key, scale, ylabel, title}``; returns them as mappings."""
+    ``{key, scale, ylabel, title, arms, log}`` (``arms``: only the arms whose labels take one
+    of the listed values, as in ``contrasts``; ``log``: a log y axis); returns them as
+    mappings. With the cells' label ``values`` (column -> values), ``arms`` is checked against
+    them and returned as label strings."""
     if plots is None:
         return []
     if not isinstance(plots, list):
@@ -484,6 +493,13 @@ def check_plots(plots: Any) -> list[dict[str, Any]]:
         scale = item.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise ConfigError(f"plot {item['key']}: scale must be a number, got {scale!r}")
+        if not isinstance(item.get("log", False), bool):
+            raise ConfigError(f"plot {item['key']}: log must be true or false")
+        if values is not None and item.get("arms"):
+            from qatlab.compare.contrasts import parse_arms
+
+            arms = parse_arms(item["arms"], f"plot {item['key']} arms", values)
+            item = {**item, "arms": arms}
         out.append(item)
     return out
 
