@@ -108,10 +108,10 @@ def test_existing_column_keys_and_headers_unchanged():
     from qatlab.compare.measures import column_for
 
     assert column_for("ptq_W4A4")[1] == "PTQ W4A4 %"
-    assert column_for("xb_4")[1] == "PTQ 4-bit %"
+    assert column_for("xb_4")[1] == "PTQ W4, weights only %"
     assert column_for("xb_float")[1] == "float %"
     assert column_for("xbf_trained")[1] == "final: trained %"
-    assert column_for("xbf_2")[1] == "final: PTQ 2-bit %"
+    assert column_for("xbf_2")[1] == "final: PTQ W2, weights only %"
     assert column_for("log_osc_share")[0].section == "oscillation"
     assert column_for("acc_bn")[0].section == "accuracy"
     assert column_for("corr_gauss_noise_s3") is None and column_for("corr_mean")[1] == "mean %"

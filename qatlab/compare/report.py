@@ -495,6 +495,12 @@ def _crossbit(res: Results) -> list:
     rows = [r for r in res.rows if any(k in r for k in keys)]
     return [
         ("h2", "Cross-bit accuracy (post-training quantization of each trained model)"),
+        (
+            "p",
+            "`PTQ Wb, weights only`: the weights rounded to b bits (max-abs step, restricted "
+            "grid), activations left in float (Wenshøj et al.'s cross-bit protocol); `PTQ WbAb` "
+            "columns quantize both. `trained`: a QAT model with its own quantizers.",
+        ),
         ("table", metric_table(res, sorted(keys, key=_xb_order), rows)),
     ]
 

@@ -66,9 +66,9 @@ def ptq_accuracy(model: nn.Module, dataset, bits: int, batch_size: int = 512) ->
 
 # ----------------------------------------------------------------------------- the measure
 def _xb_label(prefix: str) -> Callable[[str], str]:
-    def label(suffix: str) -> str:  # xb_4 -> "PTQ 4-bit %", xb_float -> "float %"
-        if suffix.isdigit():
-            return f"{prefix}PTQ {suffix}-bit %"
+    def label(suffix: str) -> str:  # xb_4 -> "PTQ W4, weights only %", xb_float -> "float %"
+        if suffix.isdigit():  # activations stay float: not a WbAb number
+            return f"{prefix}PTQ W{suffix}, weights only %"
         return f"{prefix}{suffix} %"
 
     return label
@@ -77,8 +77,8 @@ def _xb_label(prefix: str) -> Callable[[str], str]:
 @register_measure(
     "crossbit",
     columns=[
-        Column("xb_", "PTQ {}-bit %", section="crossbit", label=_xb_label("")),
-        Column("xbf_", "final: PTQ {}-bit %", section="crossbit", label=_xb_label("final: ")),
+        Column("xb_", "PTQ W{}, weights only %", section="crossbit", label=_xb_label("")),
+        Column("xbf_", "final: PTQ W{}, weights only %", section="crossbit", label=_xb_label("final: ")),
     ],
 )
 def crossbit_measure(
