@@ -22,6 +22,7 @@ from qatlab.measure.flatness import (
     _bn_scale,
     _fold_pairs,
     _generator,
+    _loss_grad,
     _normal,
     _Perturbed,
     alpha_search,
@@ -348,9 +349,15 @@ def test_training_subset_by_hand():
         def __len__(self) -> int:
             return len(self.y)
 
-    class _Items(_XY):
+    class _Items:  # indexable only (no .x, .y)
+        def __init__(self, n: int) -> None:
+            self._data = _XY(n)
+
+        def __len__(self) -> int:
+            return len(self._data)
+
         def __getitem__(self, i):
-            return self.x[i].tolist(), self.y[i].item()
+            return self._data.x[i].tolist(), self._data.y[i].item()
 
     idx = torch.randperm(10, generator=torch.Generator().manual_seed(4))[:3].sort().values
     x, y = training_subset(_XY(10), 3, seed=4)
@@ -367,3 +374,52 @@ def test_training_subset_by_hand():
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ConfigError):
             training_subset(_XY(5), bad)
+
+
+class _Unused(nn.Module):
+    """``Linear(1, 2)`` plus a parameter the forward never reads (its gradient is None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = _line()
+        self.spare = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_loss_grad_is_the_mean_cross_entropy_gradient():
+    net = _Unused()
+    pm = _Perturbed(net, "q", True)
+    keys = list(pm.weights)
+    assert keys == ["fc.weight", "fc.bias", "spare"]
+    u = {"fc.weight": _t([[0.3], [-0.2]]), "fc.bias": _t([0.1, 0.4]), "spare": torch.zeros(3)}
+    # by definition: d/du of mean_i CE(x_i (w + u_w)^T + b + u_b, y_i), in batches of 3 of 7
+    uw, ub = u["fc.weight"].clone().requires_grad_(), u["fc.bias"].clone().requires_grad_()
+    loss = F.cross_entropy(_X @ (_t([[1.0], [-1.0]]) + uw).T + _t([0.0, 0.1]) + ub, _Y)
+    gw, gb = torch.autograd.grad(loss, [uw, ub])
+    with pm.ready():
+        got = _loss_grad(pm, _X, _Y, u, keys, 3)
+    assert torch.allclose(got[0], gw, atol=1e-6) and torch.allclose(got[1], gb, atol=1e-6)
+    assert got[2].tolist() == [0.0, 0.0, 0.0]  # an unused parameter: zero, not an error
+    assert net.fc.weight.grad is None and net.spare.grad is None
+
+
+def _bn_data():
+    net = _folded_net().eval()
+    x = _t([[1.0, -2.0], [0.5, 1.0], [-1.0, 0.0], [2.0, 0.5], [-0.5, -1.5], [0.0, 1.0]])
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return net, x, y
+
+
+def test_search_defaults_fold_bn_and_stay_quiet(capsys):
+    net, x, y = _bn_data()
+    sig = sigma_search(net, x, y, steps=1, draws=4, upper=0.6)
+    assert sig == sigma_search(net, x, y, steps=1, draws=4, upper=0.6, fold_bn=True)
+    assert sig != sigma_search(net, x, y, steps=1, draws=4, upper=0.6, fold_bn=False)
+    kw = dict(steps=1, upper=2.0, ascent_steps=1, restarts=2)
+    alp = alpha_search(net, x, y, **kw)
+    assert alp == alpha_search(net, x, y, fold_bn=True, **kw)
+    assert alp != alpha_search(net, x, y, fold_bn=False, **kw)
+    assert capsys.readouterr().err == ""  # progress=False by default: no bar

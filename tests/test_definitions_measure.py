@@ -183,7 +183,12 @@ def test_pac_bayes_bounds_options():
     )
     # a radius of 0 or None gives no keys; a non-positive value is reported as NaN
     assert pac_bayes_bounds(_W, _W0, 100, sigma=0.0, alpha=0.0, sigma_mag=0.0, alpha_mag=0.0) == {}
-    # a radius below 1 is reported like any positive one
+    # a radius below 1 is reported like any positive one; sigma'^2 + 1 at sigma' = 1/2
+    half = pac_bayes_bounds(_W, _W0, 100, sigma_mag=0.5)
+    num_w, num_d, den = 1e-6 + 1.25 * 25 / 2, 1e-6 + 1.25 * 18 / 2, 1e-6 + 0.25 * 9
+    for key, num in (("pacbayes_mag_orig", num_w), ("pacbayes_mag_init", num_d)):
+        v = 0.5 * math.log(num / den) + math.log(100 / 0.5) + 10  # two equal terms of 1/4 log
+        assert half[key] == pytest.approx(math.sqrt(v / 100)), key
     small = pac_bayes_bounds(_W, None, 100, alpha_mag=0.5)
     assert small["sharpness_mag_flatness"] == pytest.approx(math.sqrt(4 / 100))
     huge = pac_bayes_bounds({"w": torch.full((1, 1), 1e-3)}, None, 1, sigma=1e5)
@@ -223,6 +228,8 @@ def test_incomplete_beta_by_hand():
     # a fraction that needs many terms (scipy.special.betainc: 0.2925184553957732)
     assert betainc(5.5, 0.5, 0.9) == pytest.approx(0.2925184553957732, rel=1e-10)
     assert betainc(5.5, 0.5, 0.2) == pytest.approx(3.693776094906204e-05, rel=1e-10)
+    # a large a, b: only the side of the switch point the fraction converges on gets this
+    assert betainc(2000.0, 2000.0, 0.55) == pytest.approx(0.9999999998851599, rel=1e-12)
     assert betainc(2.0, 3.0, 0.0) == 0.0 and betainc(2.0, 3.0, -1.0) == 0.0
     assert betainc(2.0, 3.0, 1.0) == 1.0 and betainc(2.0, 3.0, 2.0) == 1.0
 
@@ -280,6 +287,16 @@ def test_paired_verdicts():
     one = Paired(((0, 1.0),), 2)
     assert one.verdict() == "no interval (n=1)"
     assert (one.mean, one.sd, one.half_width, one.lo, one.hi) == (1.0, None, None, None, None)
+    # an interval inside (0, 1) or (-1, 0) is still one side; [0, 0] is not
+    small = Paired(((0, 0.5), (1, 0.6), (2, 0.4)), 0)  # [0.25, 0.75]
+    assert small.verdict() == "better" and small.verdict(None) == "higher"
+    assert small.verdict(False) == "worse"
+    assert Paired(((0, -0.5), (1, -0.6), (2, -0.4)), 0).verdict(None) == "lower"
+    around = Paired(((0, 0.1), (1, -0.1), (2, 0.0)), 0)  # [-0.25, 0.25]
+    assert around.verdict() == "no detectable difference (n=3)" and around.hi < 1
+    flat = Paired(((0, 0.0), (1, 0.0)), 0)  # sd 0: the interval is [0, 0]
+    assert (flat.lo, flat.hi) == (0.0, 0.0)
+    assert flat.verdict() == "no detectable difference (n=2)"
     none = Paired((), 0)
     assert none.verdict() == "no paired seeds" and none.mean is None
     assert (none.tie, none.level) == (0.0, 0.95)

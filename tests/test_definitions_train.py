@@ -166,6 +166,18 @@ def test_make_optimizer_frozen_parameters_and_empty_groups():
         make_optimizer(nn.Linear(2, 1).requires_grad_(False), cfg)
 
 
+def test_make_optimizer_activation_steps_without_weight_steps():
+    # no weight quantizer: the empty weight-step group is skipped, the activation steps stay
+    net = _Net()
+    del net.wq
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, quant_optimizer="adam", quant_lr=0.01,
+                      act_quant_optimizer="adamw", act_quant_lr=0.02)  # fmt: skip
+    assert _groups(make_optimizer(net, cfg)) == [
+        ("SGD", _ids([net.fc.weight, net.fc.bias]), 0.1, 0.0, None),
+        ("AdamW", _ids([net.aq.step, net.aq.offset]), 0.02, 0.0, None),
+    ]
+
+
 def test_sgd_nesterov_needs_momentum():
     cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, nesterov=True)
     with pytest.raises(ConfigError):
@@ -237,6 +249,8 @@ def test_optimizer_pair_by_hand():
     assert float(a.grad) == 0.0 and float(b.grad) == 0.0
     pair.zero_grad()
     assert a.grad is None and b.grad is None
+    with pytest.raises(ValueError):  # a state of another number of optimizers
+        OptimizerPair(torch.optim.SGD([a], lr=0.5)).load_state_dict(state)
     fresh = OptimizerPair(torch.optim.SGD([a], lr=0.5), torch.optim.SGD([b], lr=0.1, momentum=0.5))
     fresh.load_state_dict(state)
     assert fresh.param_groups[1]["lr"] == 0.25
