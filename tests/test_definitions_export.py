@@ -61,7 +61,11 @@ def test_integer_export_by_hand(tmp_path):
     assert mpath.read_text().endswith("}\n")
     assert manifest["format"] == FORMAT == "qatlab-int-1"
     assert manifest["tensors"] == "m.int.pt" and manifest["model_spec"] == {"arch": "mlp"}
-    assert manifest["dequantize"].startswith("weight = weight_int * weight_step")
+    assert manifest["dequantize"] == (
+        "weight = weight_int * weight_step (per output channel on axis 0 when weight_per_channel);"
+        " input q(x) = input_step * clamp(round((x - offset) / input_step), *input_grid) + offset"
+        " (offset 0 unless input_offset)"
+    )
     row = {
         "kind": "QuantLinear",
         "weight_bits": 4,
@@ -128,6 +132,24 @@ def test_a_bare_layer_exports_without_a_prefix(tmp_path):
     assert dequantize_weights(manifest, t) == {"": pytest.approx(torch.tensor([[1.0, -0.25]]))}
 
 
+def test_a_max_abs_weight_step_is_computed_from_the_weight(tmp_path):
+    net = qatlab.quantize(
+        nn.Sequential(nn.Linear(2, 2)),
+        qatlab.QuantConfig(first_layer="same", last_layer="same", weight_scale="maxabs",
+                           act_bits=None),
+    )  # fmt: skip
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.3, 1.2], [-0.6, 2.8]]))
+    manifest, t = load_integer(to_integer(net, tmp_path / "m.pt")[0])
+    assert t["0.weight_step"].item() == pytest.approx(0.4)  # max|w| / 7
+    assert t["0.weight_int"].tolist() == [[1, 3], [-2, 7]]  # [.75, 3, -1.5, 7]: half to even
+    assert manifest["layers"][0]["input_bits"] is None
+
+
+class _Payload:
+    """Not a tensor: a weights-only load must refuse to unpickle it."""
+
+
 def test_integer_export_refusals(tmp_path):
     with pytest.raises(ConfigError):
         to_integer(nn.Linear(2, 1), tmp_path / "f.pt")
@@ -142,5 +164,10 @@ def test_integer_export_refusals(tmp_path):
         load_integer(path)
     with pytest.raises(CheckpointError):
         load_integer(tmp_path / "missing.pt")
+    # a tensor file that holds an object: weights_only refuses it (no code runs on load)
+    manifest_path(path).write_text(json.dumps({"format": FORMAT}))
+    torch.save({"x": _Payload()}, path)
+    with pytest.raises(Exception, match="[Ww]eights.only"):
+        load_integer(path)
     assert manifest_path("a/b.int.pt") == manifest_path("a/b.int.json")
     assert str(manifest_path("a/b.int.pt")) == "a/b.int.json"

@@ -423,3 +423,28 @@ def test_search_defaults_fold_bn_and_stay_quiet(capsys):
     assert alp == alpha_search(net, x, y, fold_bn=True, **kw)
     assert alp != alpha_search(net, x, y, fold_bn=False, **kw)
     assert capsys.readouterr().err == ""  # progress=False by default: no bar
+
+
+def test_alpha_ascent_leaves_a_zero_gradient_alone():
+    """A dead ReLU unit (pre-activation -1.5 + u_w + u_b < 0 in the box r = 0.8 from this
+    start) has gradient 0 in all its weights: sign(0) = 0 moves nothing, so it stays dead and
+    only the output bias is pushed (margin 3 - 2 * 0.8 > 0): no drop. Moving it to the box's
+    edge instead would revive it (pre = 0.1, output weights 50: the class flips)."""
+    net = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(0.0)
+        net[0].bias.fill_(-1.5)
+        net[2].weight.copy_(_t([[50.0], [-50.0]]))
+        net[2].bias.copy_(_t([0.0, 3.0]))
+    out = alpha_search(net, _t([[1.0]]), torch.tensor([1]), steps=1, upper=1.6, restarts=1)
+    assert out == {"alpha": 0.8, "drop": 0.0, "base_acc": 1.0, "evals": 1}
+
+
+def test_alpha_search_default_steps():
+    net = _line()
+    d1 = 1.0 - _alpha_worst(1.0, 2, 5, 0, False, 1e-3, 0.25)  # the first midpoint's drop
+    assert 0.0 < d1 < 1.0
+    seen = []
+    out = alpha_search(net, _X, _Y, target=d1, tol=min(0.01, d1 / 2),
+                       progress=lambda k, total, info: seen.append(total))  # fmt: skip
+    assert seen == [15] and out["evals"] == 1  # 15 midpoints at most; stopped at the first
