@@ -371,9 +371,12 @@ def test_training_subset_by_hand():
         assert y.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0] and x.shape == (10, 2)
     only_x = _Items(4)
     only_x.x = torch.zeros(4, 2)  # an indexable data set with an x but no y: read by item
-    assert training_subset(only_x, 2, seed=4)[1].tolist() == (
-        torch.randperm(4, generator=torch.Generator().manual_seed(4))[:2].sort().values % 3
-    ).tolist()
+    assert (
+        training_subset(only_x, 2, seed=4)[1].tolist()
+        == (
+            torch.randperm(4, generator=torch.Generator().manual_seed(4))[:2].sort().values % 3
+        ).tolist()
+    )
     assert len(training_subset(_XY(3000))[1]) == 2048  # default size
     assert len(training_subset(_XY(5), 1)[1]) == 1
     for bad in (0, -1, True, 1.5, "2"):

@@ -1013,7 +1013,7 @@ def test_talr_and_oscreg_option_checks():
            ("u0", -1.0), ("gamma", -1.0), ("u_max", -1.0), ("momentum", 1.0),
            ("momentum", -0.1), ("max_change", 1.0), ("milestones", "0.5;0.75")]  # fmt: skip
     for name, value in bad:
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=rf"method\.{name} must"):  # names the option
             _check(**{**ok, name: value})
     assert _milestones("0.5, 0.75,") == (0.5, 0.75) and _milestones(" ") == ()
     assert _milestones("1") == (1.0,)
