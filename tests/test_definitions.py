@@ -924,7 +924,7 @@ def test_log_every_and_dampen_check():
     from qatlab.errors import ConfigError
     from qatlab.methods.oscillation import _check_dampen, _log_every
 
-    assert _log_every(7, 1000) == 7 and _log_every(1, 5) == 1
+    assert _log_every(7, 1000) == 7 and _log_every(1, 1000) == 1
     assert _log_every(0, 1000) == 10 and _log_every(0, 199) == 1 and _log_every(0, 50) == 1
     assert _log_every(0, 250) == 2 and _log_every(-3, 300) == 3
     for agg in ("kernel_mean", "mean", "sum"):
