@@ -898,3 +898,36 @@ def test_floor_leaves_a_step_above_it_alone():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     # x/s = [-2.4, 0.6, 1.8, 4.0, -0.2]: q = [-2, 1, 2, 3, 0]; 0.5 * (0.4 - 0.8 + 0.1 + 9 + 0.4)
     assert grads[0][2].item() == pytest.approx(0.5 * 9.1)
+
+
+def test_loaded_frozen_masks_take_effect():
+    # freeze weight 0 at integer 2 (as in test_freezing_at_a_known_step_and_integer), then load
+    # the state into a fresh freezer that would freeze nothing itself: it writes weight 0 back
+    layer = _layer([2.0, -5.0])
+    kw = dict(momentum=0.25, threshold_end=0.578125, start=0.0, max_bits=4)
+    fr = IterativeFreezing(layer, threshold_start=0.578125, **kw)
+    for t, v in enumerate([3.0, 2.0, 3.0, 2.0, 3.0]):
+        _set(layer, [v, -4.0 + t])
+        fr.after_step(layer, t, 1000)
+    fresh = IterativeFreezing(layer, threshold_start=0.578125, **kw)
+    assert not fresh._may_be_frozen
+    fresh.load_state_dict(fr.state_dict())
+    (name,) = fresh.layer_names
+    assert fresh.frozen(name)[0].tolist() == [True, False] and fresh._may_be_frozen is True
+    assert fresh.frequencies().tolist() == [0.68359375, 0.0]  # the loaded EMA, flat
+    _set(layer, [6.0, 1.0])
+    fresh.after_step(layer, 5, 1000)
+    assert layer.weight.tolist() == [[2.0, 1.0]]
+
+
+def test_log_every_and_dampen_check():
+    from qatlab.errors import ConfigError
+    from qatlab.methods.oscillation import _check_dampen, _log_every
+
+    assert _log_every(7, 1000) == 7 and _log_every(1, 1000) == 1
+    assert _log_every(0, 1000) == 10 and _log_every(0, 199) == 1 and _log_every(0, 50) == 1
+    assert _log_every(0, 250) == 2 and _log_every(-3, 300) == 3
+    for agg in ("kernel_mean", "mean", "sum"):
+        _check_dampen(aggregation=agg)
+    with pytest.raises(ConfigError):
+        _check_dampen(aggregation="max")

@@ -22,7 +22,14 @@ from qatlab.measure.flatness import (
     noise_std,
     pac_bayes_bounds,
 )
-from qatlab.measure.stats import kendall_tau
+from qatlab.measure.stats import (
+    Paired,
+    betainc,
+    kendall_tau,
+    paired_differences,
+    t_cdf,
+    t_quantile,
+)
 
 
 def _nan(v: float) -> bool:
@@ -176,7 +183,12 @@ def test_pac_bayes_bounds_options():
     )
     # a radius of 0 or None gives no keys; a non-positive value is reported as NaN
     assert pac_bayes_bounds(_W, _W0, 100, sigma=0.0, alpha=0.0, sigma_mag=0.0, alpha_mag=0.0) == {}
-    # a radius below 1 is reported like any positive one
+    # a radius below 1 is reported like any positive one; sigma'^2 + 1 at sigma' = 1/2
+    half = pac_bayes_bounds(_W, _W0, 100, sigma_mag=0.5)
+    num_w, num_d, den = 1e-6 + 1.25 * 25 / 2, 1e-6 + 1.25 * 18 / 2, 1e-6 + 0.25 * 9
+    for key, num in (("pacbayes_mag_orig", num_w), ("pacbayes_mag_init", num_d)):
+        v = 0.5 * math.log(num / den) + math.log(100 / 0.5) + 10  # two equal terms of 1/4 log
+        assert half[key] == pytest.approx(math.sqrt(v / 100)), key
     small = pac_bayes_bounds(_W, None, 100, alpha_mag=0.5)
     assert small["sharpness_mag_flatness"] == pytest.approx(math.sqrt(4 / 100))
     huge = pac_bayes_bounds({"w": torch.full((1, 1), 1e-3)}, None, 1, sigma=1e5)
@@ -199,3 +211,92 @@ def test_pac_bayes_bounds_options():
         pac_bayes_bounds({"b": torch.ones(2)}, None, 10, sigma=0.5)
     with pytest.raises(ConfigError):
         pac_bayes_bounds(_W, {"b": torch.ones(1)}, 10, sigma=0.5)
+
+
+# ----------------------------------------------------------------------------- Student's t
+def test_incomplete_beta_by_hand():
+    # I_x(1, 1) = x; I_x(2, 3) = sum_{j=2..4} C(4, j) x^j (1 - x)^(4 - j):
+    # x = .3: 6 .09 .49 + 4 .027 .7 + .0081 = .3483 (below (a+1)/(a+b+2) = 3/7: direct fraction)
+    # x = .6: 6 .36 .16 + 4 .216 .4 + .1296 = .8208 (above: 1 - I_{1-x}(b, a))
+    assert betainc(1.0, 1.0, 0.25) == pytest.approx(0.25, rel=1e-12)
+    assert betainc(2.0, 3.0, 0.3) == pytest.approx(0.3483, rel=1e-12)
+    assert betainc(2.0, 3.0, 0.6) == pytest.approx(0.8208, rel=1e-12)
+    # I_x(1/2, 1/2) = 2/pi asin(sqrt x), on both sides of 1/2
+    for x in (0.3, 0.8):
+        arcsine = 2 / math.pi * math.asin(math.sqrt(x))
+        assert betainc(0.5, 0.5, x) == pytest.approx(arcsine, rel=1e-12)
+    # a fraction that needs many terms (scipy.special.betainc: 0.2925184553957732)
+    assert betainc(5.5, 0.5, 0.9) == pytest.approx(0.2925184553957732, rel=1e-10)
+    assert betainc(5.5, 0.5, 0.2) == pytest.approx(3.693776094906204e-05, rel=1e-10)
+    # a large a, b: only the side of the switch point the fraction converges on gets this
+    assert betainc(2000.0, 2000.0, 0.55) == pytest.approx(0.9999999998851599, rel=1e-12)
+    assert betainc(2.0, 3.0, 0.0) == 0.0 and betainc(2.0, 3.0, -1.0) == 0.0
+    assert betainc(2.0, 3.0, 1.0) == 1.0 and betainc(2.0, 3.0, 2.0) == 1.0
+
+
+def test_student_t_by_hand():
+    # df 1 (Cauchy): 1/2 + atan(t)/pi; df 2: 1/2 + t / (2 sqrt(2 + t^2))
+    assert t_cdf(1.0, 1) == pytest.approx(0.75, rel=1e-12)
+    assert t_cdf(-1.0, 1) == pytest.approx(0.25, rel=1e-12)
+    assert t_cdf(2.0, 2) == pytest.approx(0.5 + 1 / math.sqrt(6), rel=1e-12)
+    assert t_cdf(0.0, 3) == 0.5
+    assert t_cdf(-1.5, 7) == pytest.approx(0.088649243494985, rel=1e-10)  # scipy.stats.t.cdf
+    assert t_cdf(3.0, 50) == pytest.approx(0.9978991484064659, rel=1e-10)
+    # the tables' 2.776 (df 4), 12.706 (df 1), 4.303 (df 2); scipy.stats.t.ppf to 1e-10
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764451051977934, rel=1e-10)
+    assert t_quantile(0.975, 1) == pytest.approx(12.706204736174694, rel=1e-10)
+    assert t_quantile(0.975, 2) == pytest.approx(4.302652729749462, rel=1e-10)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.7764451051977934, rel=1e-10)
+    assert t_quantile(0.9, 30.5) == pytest.approx(1.309931316030375, rel=1e-10)
+    assert t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-11)
+    assert t_quantile(0.75, 1) == pytest.approx(1.0, rel=1e-10)
+    for p, df in ((0.0, 4), (1.0, 4), (0.5, 0), (-0.1, 4), (1.5, 4), (0.9, -1)):
+        with pytest.raises(ValueError):
+            t_quantile(p, df)
+
+
+def test_paired_differences_by_hand():
+    # seeds 1-3 on both sides (d = 1, 2, 3); 5 only in the arm, 4 and 6 only in the control
+    # (None at 4 in the arm, NaN and a bool are not numbers either)
+    arm = {3: 4.0, 1: 2.0, 2: 3, 4: None, 5: 1.0, 7: math.nan, 8: True}
+    control = {1: 1.0, 2: 1.0, 3: 1.0, 6: 0.0, 4: 0.0, 7: 1.0, 8: 1.0}
+    d = paired_differences(arm, control, tie=1)
+    assert d.diffs == ((1, 1.0), (2, 2.0), (3, 3.0)) and d.unpaired == 5
+    assert isinstance(d.tie, float) and isinstance(d.level, float) and d.level == 0.95
+    assert (d.n, d.values, d.mean, d.sd) == (3, [1.0, 2.0, 3.0], 2.0, 1.0)
+    hw = 4.302652729749462 / math.sqrt(3)  # t_{.975, 2} sd / sqrt(n)
+    assert d.half_width == pytest.approx(hw, rel=1e-9)
+    assert (d.lo, d.hi) == (pytest.approx(2 - hw, rel=1e-9), pytest.approx(2 + hw, rel=1e-9))
+    assert (d.wins, d.ties, d.losses) == (2, 1, 0)  # d > 1; |d| <= 1; d < -1
+    assert d.verdict() == "no detectable difference (n=3)"
+    neg = paired_differences({0: -1.0, 1: -3.0}, {0: 0.0, 1: 0.0}, tie=1.0)
+    assert (neg.wins, neg.ties, neg.losses) == (0, 1, 1)
+    level = paired_differences(arm, control, level=0.9)
+    assert level.half_width == pytest.approx(2.9199855803537242 / math.sqrt(3), rel=1e-9)
+    assert (level.wins, level.ties, level.losses) == (3, 0, 0)  # tie 0: d > 0
+
+
+def test_paired_verdicts():
+    up = Paired(((0, 2.0), (1, 2.1), (2, 1.9)), 0)  # mean 2, sd .1: interval [1.75, 2.25]
+    assert up.lo == pytest.approx(2 - 0.4302652729749462 / math.sqrt(3), rel=1e-9)
+    assert up.verdict() == "better" and up.verdict(True) == "better"
+    assert up.verdict(False) == "worse" and up.verdict(None) == "higher"
+    down = Paired(((0, -2.0), (1, -2.1), (2, -1.9)), 0)
+    assert down.verdict() == "worse" and down.verdict(False) == "better"
+    assert down.verdict(None) == "lower"
+    one = Paired(((0, 1.0),), 2)
+    assert one.verdict() == "no interval (n=1)"
+    assert (one.mean, one.sd, one.half_width, one.lo, one.hi) == (1.0, None, None, None, None)
+    # an interval inside (0, 1) or (-1, 0) is still one side; [0, 0] is not
+    small = Paired(((0, 0.5), (1, 0.6), (2, 0.4)), 0)  # [0.25, 0.75]
+    assert small.verdict() == "better" and small.verdict(None) == "higher"
+    assert small.verdict(False) == "worse"
+    assert Paired(((0, -0.5), (1, -0.6), (2, -0.4)), 0).verdict(None) == "lower"
+    around = Paired(((0, 0.1), (1, -0.1), (2, 0.0)), 0)  # [-0.25, 0.25]
+    assert around.verdict() == "no detectable difference (n=3)" and around.hi < 1
+    flat = Paired(((0, 0.0), (1, 0.0)), 0)  # sd 0: the interval is [0, 0]
+    assert (flat.lo, flat.hi) == (0.0, 0.0)
+    assert flat.verdict() == "no detectable difference (n=2)"
+    none = Paired((), 0)
+    assert none.verdict() == "no paired seeds" and none.mean is None
+    assert (none.tie, none.level) == (0.0, 0.95)

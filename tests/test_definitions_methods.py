@@ -9,6 +9,7 @@ the tests ``make mutants`` runs for ``qatlab/methods`` (docs/results/mutation.md
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -979,3 +980,47 @@ def test_talr_hook_logs_every_log_every_steps():
     for bad in (dict(schedule="linear"), dict(controller="pid")):
         with pytest.raises(ValueError):
             TALRHook(_layer([0.3]), 8, **bad)
+
+
+# ----------------------------------------------------------------------------- option checks
+def test_saq_distributed_needs_two_ranks(monkeypatch):
+    def fake(world: int, initialized: bool = True):
+        return SimpleNamespace(
+            is_available=lambda: True,
+            is_initialized=lambda: initialized,
+            get_world_size=lambda: world,
+        )
+
+    for world, expected in ((1, False), (2, True), (3, True)):
+        monkeypatch.setattr(saq_module, "dist", fake(world))
+        assert saq_module._distributed() is expected, world
+    monkeypatch.setattr(saq_module, "dist", fake(2, initialized=False))
+    assert saq_module._distributed() is False
+
+
+def test_talr_and_oscreg_option_checks():
+    from qatlab.errors import ConfigError
+    from qatlab.methods.oscreg import REG_AGGREGATIONS
+    from qatlab.methods.oscreg import _check as oscreg_check
+    from qatlab.methods.talr import _check, _milestones
+
+    ok = dict(lam=0.0, controller="tracking", momentum=0.0, schedule="cosine", eta=0.0, u0=0.0,
+              max_change=1.0 + 1e-9, u_max=0.0, milestones="0.5, 0.75,", gamma=0.0)  # fmt: skip
+    _check(**ok)  # the edges: every rate 0, momentum 0, max_change just above 1
+    _check(**{**ok, "controller": "paper", "schedule": "step", "momentum": 0.999})
+    _check(**{**ok, "schedule": "constant", "milestones": ""})
+    bad = [("schedule", "linear"), ("controller", "pid"), ("lam", -1e-9), ("eta", -1.0),
+           ("u0", -1.0), ("gamma", -1.0), ("u_max", -1.0), ("momentum", 1.0),
+           ("momentum", -0.1), ("max_change", 1.0), ("milestones", "0.5;0.75")]  # fmt: skip
+    for name, value in bad:
+        with pytest.raises(ConfigError, match=rf"method\.{name} must"):  # names the option
+            _check(**{**ok, name: value})
+    assert _milestones("0.5, 0.75,") == (0.5, 0.75) and _milestones(" ") == ()
+    assert _milestones("1") == (1.0,)
+    for agg in REG_AGGREGATIONS:
+        for grid in ("full", "restricted", "lsq"):
+            oscreg_check(aggregation=agg, grid=grid)
+    with pytest.raises(ConfigError):
+        oscreg_check(aggregation="median", grid="full")
+    with pytest.raises(ConfigError):
+        oscreg_check(aggregation=REG_AGGREGATIONS[0], grid="int")
