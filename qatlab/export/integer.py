@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,9 @@ def load_integer(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     try:
         manifest = json.loads(manifest_path(path).read_text())
         tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read integer export {path}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch's are long
+        raise CheckpointError(f"cannot read integer export {path}: {first}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path(path)} is not a qatlab integer-export manifest")
     return manifest, tensors
