@@ -78,7 +78,9 @@ def _xb_label(prefix: str) -> Callable[[str], str]:
     "crossbit",
     columns=[
         Column("xb_", "PTQ W{}, weights only %", section="crossbit", label=_xb_label("")),
-        Column("xbf_", "final: PTQ W{}, weights only %", section="crossbit", label=_xb_label("final: ")),
+        Column(
+            "xbf_", "final: PTQ W{}, weights only %", section="crossbit", label=_xb_label("final: ")
+        ),
     ],
 )
 def crossbit_measure(
