@@ -1,0 +1,340 @@
+"""The other measures' formulas pinned on hand-made input: accuracy and loss, the
+generalization gap, the quantization noise, the loss landscape and the corruption accuracy.
+
+Same rules as ``tests/test_definitions.py`` (expected values worked out by hand); part of the
+tests ``make mutants`` runs (docs/results/mutation.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatlab
+from qatlab.data.loader import ArrayDataset
+from qatlab.measure import robustness
+from qatlab.measure.accuracy import evaluate
+from qatlab.measure.flatness import _generator
+from qatlab.measure.gap import generalization_gap
+from qatlab.measure.landscape import (
+    _loss_acc,
+    filter_normalized_direction,
+    landscape_directions,
+    loss_landscape,
+)
+from qatlab.measure.noise import quantization_noise
+
+
+def _t(v) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _line() -> nn.Linear:
+    """Linear(1, 2) without bias, w = [1, -1]: logits [x, -x], class 0 for x > 0."""
+    net = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(_t([[1.0], [-1.0]]))
+    return net
+
+
+def _ce(x: float, y: int) -> float:
+    """Cross-entropy of logits [x, -x] for label y, by hand: log(1 + e^(-+2x))."""
+    return math.log1p(math.exp(-2 * x if y == 0 else 2 * x))
+
+
+# ----------------------------------------------------------------------------- accuracy, gap
+def test_evaluate_and_gap_by_hand():
+    net = _line().train()
+    # train: x = 1, 2, -1, 0.5, -3 with y = 0, 0, 0, 1, 1 -> right: 1, 2, -3 (3 of 5)
+    xs, ys = [1.0, 2.0, -1.0, 0.5, -3.0], [0, 0, 0, 1, 1]
+    train = ArrayDataset(_t([[v] for v in xs]), torch.tensor(ys))
+    # test: x = 1, -2 with y = 1, 1 -> right: -2 (1 of 2)
+    test = ArrayDataset(_t([[1.0], [-2.0]]), torch.tensor([1, 1]))
+    loss_tr = sum(_ce(x, y) for x, y in zip(xs, ys, strict=True)) / 5
+    loss_te = (_ce(1.0, 1) + _ce(-2.0, 1)) / 2
+    res = evaluate(net, train, batch_size=2)  # batches 2, 2, 1
+    assert res["acc"] == 0.6 and res["loss"] == pytest.approx(loss_tr, rel=1e-6)
+    assert net.training  # restored
+    assert evaluate(net, train) == pytest.approx(res, rel=1e-6)
+    empty = evaluate(net.eval(), ArrayDataset(_t([[1.0]])[:0], torch.tensor([1])[:0]))
+    assert math.isnan(empty["acc"]) and math.isnan(empty["loss"]) and not net.training
+    net.train()
+    gap = generalization_gap(net, train, test, batch_size=2)
+    assert gap == pytest.approx(
+        {
+            "train_acc": 0.6,
+            "test_acc": 0.5,
+            "train_loss": loss_tr,
+            "test_loss": loss_te,
+            "gap_acc": 0.1,
+            "gap_loss": loss_te - loss_tr,
+        },
+        rel=1e-6,
+    )
+    assert net.training
+    assert generalization_gap(net, train, test) == pytest.approx(gap)
+    # dropout would change the numbers in training mode: evaluated in eval mode
+    drop = nn.Sequential(nn.Dropout(0.99), _line()).train()
+    assert evaluate(drop, train)["acc"] == 0.6 and drop.training
+
+
+# ----------------------------------------------------------------------------- noise
+def _qlinear(shape: tuple[int, int], channel: bool) -> nn.Sequential:
+    cfg = qatlab.QuantConfig(
+        weight_bits=2,
+        weight_granularity="channel" if channel else "tensor",
+        first_layer="same",
+        last_layer="same",
+    )
+    return qatlab.quantize(nn.Sequential(nn.Linear(shape[1], shape[0], bias=False)), cfg)
+
+
+def _set(layer, w, step) -> None:
+    q = layer.weight_quantizer
+    with torch.no_grad():
+        layer.weight.copy_(_t(w))
+        q.step.copy_(_t(step).reshape(q.step.shape))
+        q.initialized.fill_(True)
+    q._ready = None
+
+
+def test_quantization_noise_per_tensor_by_hand():
+    # 2-bit full grid [-2, 1], step 0.5
+    # (0.5 -> 0: half to even)
+    net = _qlinear((1, 6), False)
+    w = [[0.15, 0.8, -1.3, 0.25, -1.0, 0.5]]  # w / s = [0.3, 1.6, -2.6, 0.5, -2, 1]
+    _set(net[0], w, 0.5)
+    # levels [0, 2, -3, 0, -2, 1]: 2 outside [-2, 1] (the edges -2 and 1 are inside)
+    # q(w) = 0.5 * [0, 1, -2, 0, -2, 1]; err = q - w = [-.15, -.3, .3, -.25, 0, 0]
+    err = [-0.15, -0.3, 0.3, -0.25, 0.0, 0.0]
+    mean = sum(err) / 6
+    var = sum((e - mean) ** 2 for e in err) / 6  # biased
+    (row,) = quantization_noise(net)
+    assert (row.pop("grid"), row.pop("name")) == ([-2, 1], "0")
+    assert row == pytest.approx(
+        {
+            "bits": 2,
+            "step": 0.5,
+            "noise_var": 0.25 / 12,
+            "noise_ratio": var / (0.25 / 12),
+            "clipped": 2 / 6,
+            "per_channel": False,
+            "num_weights": 6,
+        },
+        rel=1e-5,
+    )
+    assert row["noise_ratio"] == pytest.approx(12 * (0.265 / 6 - (0.4 / 6) ** 2) / 0.25, rel=1e-5)
+
+
+def test_quantization_noise_per_channel_by_hand():
+    net = _qlinear((2, 3), True)
+    # channel 0, s = 1: w = [0.3, 1.6, -2.6] -> levels [0, 2, -3] (both clipped), q = [0, 1, -2]
+    #   err = [-0.3, -0.6, 0.6]: mean -0.1, var (0.04 + 0.25 + 0.49) / 3 = 0.26, ratio 3.12
+    # channel 1, s = 0.5: w = [0.1, 0.4, 0.3] -> levels [0, 1, 1], q = [0, 0.5, 0.5]
+    #   err = [-0.1, 0.1, 0.2]: var 0.06 / 3 - (0.2 / 3)^2, ratio var / (0.25 / 12)
+    _set(net[0], [[0.3, 1.6, -2.6], [0.1, 0.4, 0.3]], [1.0, 0.5])
+    var1 = 0.02 - (0.2 / 3) ** 2
+    (row,) = quantization_noise(net)
+    assert (row.pop("grid"), row.pop("name")) == ([-2, 1], "0")
+    assert row == pytest.approx(
+        {
+            "bits": 2,
+            "step": 0.75,
+            "noise_var": (1 / 12 + 0.25 / 12) / 2,
+            "noise_ratio": (3.12 + var1 / (0.25 / 12)) / 2,
+            "clipped": 2 / 6,
+            "per_channel": True,
+            "num_weights": 6,
+        },
+        rel=1e-5,
+    )
+
+
+# ----------------------------------------------------------------------------- landscape
+def test_filter_normalized_direction_by_hand():
+    w = {"a.weight": _t([[3.0, 4.0], [0.0, 1.0]]), "a.bias": _t([1.0, 2.0])}
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn((2, 2), generator=torch.Generator().manual_seed(5))
+    out = filter_normalized_direction(w, g)
+    assert list(out) == ["a.weight", "a.bias"]
+    assert torch.equal(out["a.bias"], torch.zeros(2))
+    # each row: d_f * ||w_f|| / (||d_f|| + 1e-10); norms 5 and 1
+    want = torch.stack([d[0] * 5 / (d[0].norm() + 1e-10), d[1] * 1 / (d[1].norm() + 1e-10)])
+    assert torch.allclose(out["a.weight"], want, rtol=1e-6, atol=0)
+    assert out["a.weight"].norm(dim=1).tolist() == pytest.approx([5.0, 1.0], rel=1e-6)
+    # a 4-D filter is one row; a zero filter stays zero (the 1e-10 keeps it finite)
+    w4 = {"c": torch.cat([torch.full((1, 1, 2, 2), 0.5), torch.zeros(1, 1, 2, 2)])}
+    out4 = filter_normalized_direction(w4, torch.Generator().manual_seed(1))["c"]
+    assert out4.shape == (2, 1, 2, 2) and torch.equal(out4[1], torch.zeros(1, 2, 2))
+    assert out4[0].norm().item() == pytest.approx(1.0, rel=1e-6)
+    # generator None: the global stream
+    torch.manual_seed(3)
+    a = filter_normalized_direction(w)["a.weight"]
+    torch.manual_seed(3)
+    assert torch.equal(a, filter_normalized_direction(w)["a.weight"])
+
+
+def _bn_net() -> nn.Sequential:
+    """Linear(1, 2) -> BatchNorm1d (eval: (z - 1) / sqrt(3 + 1) * [2, 1] + [0, 0.5])."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2, eps=1.0))
+    with torch.no_grad():
+        net[0].weight.copy_(_t([[1.0], [-1.0]]))
+        net[0].bias.copy_(_t([0.0, 0.5]))
+        net[1].running_mean.fill_(1.0)
+        net[1].running_var.fill_(3.0)
+        net[1].weight.copy_(_t([2.0, 1.0]))
+        net[1].bias.copy_(_t([0.0, 0.5]))
+    return net.train()
+
+
+def _bn_forward(x, w):
+    z = x @ w.T + _t([0.0, 0.5])
+    return (z - 1.0) / 2.0 * _t([2.0, 1.0]) + _t([0.0, 0.5])
+
+
+_LX = _t([[1.0], [-2.0], [0.5], [3.0], [-0.25]])
+_LY = torch.tensor([0, 1, 1, 0, 0])
+
+
+def test_landscape_directions_streams():
+    net = _bn_net()
+    w = {k: v.detach() for k, v in net.named_parameters()}
+    dirs = landscape_directions(net, dims=2, seed=4)
+    assert len(dirs) == 2
+    for i in range(2):
+        want = filter_normalized_direction(w, _generator(4, 2 << 20, i))
+        assert list(dirs[i]) == list(want)
+        for k in want:
+            assert torch.equal(dirs[i][k], want[k])
+    (d0,) = landscape_directions(net)  # dims 1, seed 0, BN not folded
+    assert torch.equal(d0["0.weight"], filter_normalized_direction(w, _generator(0, 2 << 20, 0))[
+        "0.weight"])  # fmt: skip
+    # fold_bn: the weight is scaled by gamma / sqrt(var + eps) = [1, 0.5] -> norms 1, 0.5
+    (f0,) = landscape_directions(net, fold_bn=True)
+    assert f0["0.weight"].abs().flatten().tolist() == pytest.approx([1.0, 0.5], rel=1e-6)
+    assert d0["0.weight"].abs().flatten().tolist() == pytest.approx([1.0, 1.0], rel=1e-6)
+
+
+def test_loss_landscape_by_definition():
+    net = _bn_net()
+    w = net[0].weight.detach().clone()
+    (d,) = landscape_directions(net, seed=2)
+    dw = d["0.weight"]
+    res = loss_landscape(net, _LX, _LY, points=5, span=2.0, seed=2, batch_size=2)
+    assert res["coords"] == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    for a, loss, acc in zip(res["coords"], res["loss"], res["acc"], strict=True):
+        out = _bn_forward(_LX, w + a * dw)
+        assert loss == pytest.approx(float(F.cross_entropy(out, _LY)), rel=1e-5)
+        assert acc == int((out.argmax(1) == _LY).sum()) / 5
+    assert net.training and torch.equal(net[0].weight, w)
+    again = loss_landscape(net, _LX, _LY, points=5, span=2.0, seed=2)  # one batch
+    assert again["loss"] == pytest.approx(res["loss"], rel=1e-6) and again["acc"] == res["acc"]
+    assert len(loss_landscape(net, _LX, _LY)["coords"]) == 51
+    assert loss_landscape(net, _LX, _LY, points=3)["coords"] == [-1.0, 0.0, 1.0]
+    # 2-D: loss[i][j] at w + coords[i] d1 + coords[j] d2
+    d1, d2 = landscape_directions(net, dims=2, seed=2)
+    res2 = loss_landscape(net, _LX, _LY, dims=2, points=3, span=1.0, seed=2, batch_size=3)
+    assert res2["coords"] == [-1.0, 0.0, 1.0]
+    for i, a in enumerate(res2["coords"]):
+        for j, b in enumerate(res2["coords"]):
+            out = _bn_forward(_LX, w + a * d1["0.weight"] + b * d2["0.weight"])
+            assert res2["loss"][i][j] == pytest.approx(float(F.cross_entropy(out, _LY)), rel=1e-5)
+            assert res2["acc"][i][j] == int((out.argmax(1) == _LY).sum()) / 5
+    # fold_bn: the folded weight is moved along the folded direction
+    (f,) = landscape_directions(net, seed=2, fold_bn=True)
+    resf = loss_landscape(net, _LX, _LY, points=3, span=1.0, seed=2, fold_bn=True)
+    a_bn = _t([1.0, 0.5])  # gamma / sqrt(var + eps)
+    for a, loss in zip(resf["coords"], resf["loss"], strict=True):
+        wf = w * a_bn[:, None] + a * f["0.weight"]
+        out = _LX @ wf.T + (_t([0.0, 0.5]) - 1.0) * a_bn + _t([0.0, 0.5])
+        assert loss == pytest.approx(float(F.cross_entropy(out, _LY)), rel=1e-5)
+
+
+def test_loss_landscape_moves_q_of_w_by_default():
+    net = qatlab.quantize(nn.Sequential(nn.Linear(1, 2, bias=False)),
+                          qatlab.QuantConfig(first_layer="same", last_layer="same",
+                                             weights_only=True))  # fmt: skip
+    with torch.no_grad():
+        net[0].weight.copy_(_t([[1.3], [-0.8]]))
+        net[0].weight_quantizer.step.fill_(1.0)
+        net[0].weight_quantizer.initialized.fill_(True)
+    net[0].weight_quantizer._ready = None
+    x, y = _t([[1.0], [-1.0], [0.2]]), torch.tensor([0, 1, 1])
+    # q(w) = [1, -1]; at a = 0 the logits are [x, -x]
+    res = loss_landscape(net, x, y, points=3)
+    want = sum(_ce(v, c) for v, c in ((1.0, 0), (-1.0, 1), (0.2, 1))) / 3
+    assert res["loss"][1] == pytest.approx(want, rel=1e-6) and res["acc"][1] == pytest.approx(2 / 3)
+    lat = loss_landscape(net, x, y, points=3, perturb="latent")
+    assert lat["loss"][1] == pytest.approx(want, rel=1e-6)
+    flt = loss_landscape(net, x, y, points=3, perturb="float")
+    want_f = (math.log1p(math.exp(-2.1)) + math.log1p(math.exp(-2.1))
+              + math.log1p(math.exp(0.42))) / 3  # fmt: skip
+    assert flt["loss"][1] == pytest.approx(want_f, rel=1e-6)
+
+
+def test_loss_acc_in_batches():
+    from qatlab.measure.flatness import _Perturbed
+
+    pm = _Perturbed(_line(), "q", False)
+    with pm.ready():
+        loss, acc = _loss_acc(pm, _t([[2.0]]), torch.tensor([1]), {}, 4)
+        assert (loss, acc) == (pytest.approx(_ce(2.0, 1), rel=1e-6), 0.0)
+        loss, acc = _loss_acc(pm, _LX, _LY, {}, 2)
+        want = sum(_ce(float(v), int(c)) for v, c in zip(_LX[:, 0], _LY, strict=True)) / 5
+        assert loss == pytest.approx(want, rel=1e-6) and acc == pytest.approx(3 / 5)
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_corruption_accuracy_by_hand(monkeypatch):
+    """A stub corruption flips the sign of the first ``k * s`` samples of each chunk (k = 10 for
+    "a", 100 for "b"); 2050 samples make chunks of 1024, 1024, 2."""
+    net = _line().train()
+    seen = []
+
+    def fake_corrupt(x, name, s, seed, pixel_range=None):
+        seen.append((name, s, seed, len(x), pixel_range, net.training))
+        k = {"a": 10, "b": 100}[name] * s
+        out = x.clone()
+        out[:k] = -out[:k]
+        return out
+
+    monkeypatch.setattr(robustness, "corruption_table", lambda x: {"a": None, "b": None})
+    monkeypatch.setattr(robustness, "corrupt", fake_corrupt)
+    x, y = torch.ones(2050, 1), torch.zeros(2050, dtype=torch.long)
+    out = robustness.corruption_accuracy(net, x, y, severities=[1, 3], seed=3, pixel_range="p")
+    assert net.training
+    # hits at severity s: 2050 - (2 k s + min(k s, 2)) = 2050 - 2 k s - 2
+    want = {"clean_acc": 1.0}
+    for name, k in (("a", 10), ("b", 100)):
+        accs = [(2050 - 2 * k * s - 2) / 2050 for s in (1, 3)]
+        want.update({f"corr_{name}_s1": accs[0], f"corr_{name}_s3": accs[1]})
+        want[f"corr_{name}"] = sum(accs) / 2
+    want["corr_mean"] = (want["corr_a"] + want["corr_b"]) / 2
+    assert out == pytest.approx(want, rel=1e-12) and list(out) == list(want)
+    seeds = [
+        (n, s, ((3 * 1_000_003 + i) * 7 + s) * 100_003 + c, size, "p", False)
+        for i, n in enumerate("ab")
+        for s in (1, 3)
+        for c, size in enumerate((1024, 1024, 2))
+    ]
+    assert seen == seeds
+    # defaults: every corruption of the table, severities 1-5, seed 0; names picks and orders
+    seen.clear()
+    out = robustness.corruption_accuracy(net, x[:3], y[:3], names=["b"], batch_size=2)
+    assert list(out) == ["clean_acc"] + [f"corr_b_s{s}" for s in range(1, 6)] + [
+        "corr_b", "corr_mean"]  # fmt: skip
+    assert out["corr_b_s1"] == 0.0 and out["corr_mean"] == 0.0 and out["clean_acc"] == 1.0
+    assert [r[2] for r in seen] == [(1 * 7 + s) * 100_003 for s in range(1, 6)]
+    assert all(r[4] is None for r in seen)
+    seen.clear()
+    out = robustness.corruption_accuracy(net, x[:3], y[:3])
+    assert [r[:2] for r in seen] == [(n, s) for n in "ab" for s in range(1, 6)]
+    assert out["corr_mean"] == 0.0
+    # the clean accuracy counted in batches: x = [1, -1, 1] with y = 0 -> 2 of 3
+    out = robustness.corruption_accuracy(net, _t([[1.0], [-1.0], [1.0]]), y[:3], batch_size=2,
+                                         names=["a"], severities=[1])  # fmt: skip
+    assert out["clean_acc"] == pytest.approx(2 / 3) and out["corr_a_s1"] == pytest.approx(1 / 3)
