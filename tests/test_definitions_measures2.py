@@ -16,6 +16,7 @@ from torch import nn
 
 import qatlab
 from qatlab.data.loader import ArrayDataset
+from qatlab.errors import ConfigError
 from qatlab.measure import robustness
 from qatlab.measure.accuracy import evaluate
 from qatlab.measure.flatness import _generator
@@ -179,21 +180,22 @@ def test_filter_normalized_direction_by_hand():
 
 
 def _bn_net() -> nn.Sequential:
-    """Linear(1, 2) -> BatchNorm1d (eval: (z - 1) / sqrt(3 + 1) * [2, 1] + [0, 0.5])."""
+    """Linear(1, 2) -> BatchNorm1d (eval: (z - 1) / sqrt(3 + 1) * [2, -1] + [0, 0.5]); the
+    negative gamma makes folding matter (a filter-normalized direction loses its sign)."""
     net = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2, eps=1.0))
     with torch.no_grad():
         net[0].weight.copy_(_t([[1.0], [-1.0]]))
         net[0].bias.copy_(_t([0.0, 0.5]))
         net[1].running_mean.fill_(1.0)
         net[1].running_var.fill_(3.0)
-        net[1].weight.copy_(_t([2.0, 1.0]))
+        net[1].weight.copy_(_t([2.0, -1.0]))
         net[1].bias.copy_(_t([0.0, 0.5]))
     return net.train()
 
 
 def _bn_forward(x, w):
     z = x @ w.T + _t([0.0, 0.5])
-    return (z - 1.0) / 2.0 * _t([2.0, 1.0]) + _t([0.0, 0.5])
+    return (z - 1.0) / 2.0 * _t([2.0, -1.0]) + _t([0.0, 0.5])
 
 
 _LX = _t([[1.0], [-2.0], [0.5], [3.0], [-0.25]])
@@ -213,7 +215,7 @@ def test_landscape_directions_streams():
     (d0,) = landscape_directions(net)  # dims 1, seed 0, BN not folded
     assert torch.equal(d0["0.weight"], filter_normalized_direction(w, _generator(0, 2 << 20, 0))[
         "0.weight"])  # fmt: skip
-    # fold_bn: the weight is scaled by gamma / sqrt(var + eps) = [1, 0.5] -> norms 1, 0.5
+    # fold_bn: the weight is scaled by gamma / sqrt(var + eps) = [1, -0.5] -> norms 1, 0.5
     (f0,) = landscape_directions(net, fold_bn=True)
     assert f0["0.weight"].abs().flatten().tolist() == pytest.approx([1.0, 0.5], rel=1e-6)
     assert d0["0.weight"].abs().flatten().tolist() == pytest.approx([1.0, 1.0], rel=1e-6)
@@ -233,7 +235,20 @@ def test_loss_landscape_by_definition():
     assert net.training and torch.equal(net[0].weight, w)
     again = loss_landscape(net, _LX, _LY, points=5, span=2.0, seed=2)  # one batch
     assert again["loss"] == pytest.approx(res["loss"], rel=1e-6) and again["acc"] == res["acc"]
-    assert len(loss_landscape(net, _LX, _LY)["coords"]) == 51
+    default = loss_landscape(net, _LX, _LY)  # 51 points, seed 0, q, BN not folded
+    assert len(default["coords"]) == 51 and default["coords"][25] == 0.0
+    explicit = loss_landscape(net, _LX, _LY, seed=0, perturb="q", fold_bn=False, points=51)
+    assert default == explicit
+    assert default["loss"] != loss_landscape(net, _LX, _LY, seed=1)["loss"]
+    assert default["loss"] != loss_landscape(net, _LX, _LY, fold_bn=True)["loss"]
+    assert loss_landscape(net, _LX, _LY, points=2)["coords"] == [-1.0, 1.0]
+    assert len(loss_landscape(net, _LX[:1], _LY[:1], points=2)["acc"]) == 2  # one sample is fine
+    for bad in ({"points": 1}, {"span": 0.0}, {"span": -1.0}, {"dims": 3}):
+        with pytest.raises(ConfigError):
+            loss_landscape(net, _LX, _LY, **bad)
+    for xb, yb in ((_LX, _LY[:4]), (_LX[:0], _LY[:0])):
+        with pytest.raises(ConfigError):
+            loss_landscape(net, xb, yb)
     assert loss_landscape(net, _LX, _LY, points=3)["coords"] == [-1.0, 0.0, 1.0]
     # 2-D: loss[i][j] at w + coords[i] d1 + coords[j] d2
     d1, d2 = landscape_directions(net, dims=2, seed=2)
@@ -247,11 +262,28 @@ def test_loss_landscape_by_definition():
     # fold_bn: the folded weight is moved along the folded direction
     (f,) = landscape_directions(net, seed=2, fold_bn=True)
     resf = loss_landscape(net, _LX, _LY, points=3, span=1.0, seed=2, fold_bn=True)
-    a_bn = _t([1.0, 0.5])  # gamma / sqrt(var + eps)
+    a_bn = _t([1.0, -0.5])  # gamma / sqrt(var + eps)
     for a, loss in zip(resf["coords"], resf["loss"], strict=True):
         wf = w * a_bn[:, None] + a * f["0.weight"]
         out = _LX @ wf.T + (_t([0.0, 0.5]) - 1.0) * a_bn + _t([0.0, 0.5])
         assert loss == pytest.approx(float(F.cross_entropy(out, _LY)), rel=1e-5)
+
+
+def test_loss_landscape_without_weights():
+    # nothing to perturb: the inputs are the logits at every point
+    x, y = _t([[1.0, -1.0], [0.5, 0.0]]), torch.tensor([1, 0])
+    res = loss_landscape(nn.Identity(), x, y, points=2)
+    want = float(F.cross_entropy(x, y))
+    assert res["loss"] == pytest.approx([want, want], rel=1e-6) and res["acc"] == [0.5, 0.5]
+
+
+def test_filter_normalized_direction_in_float64():
+    w = {"a": torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)}
+    d = torch.randn((2, 2), generator=torch.Generator().manual_seed(5)).double()
+    out = filter_normalized_direction(w, torch.Generator().manual_seed(5))["a"]
+    wn = w["a"].norm(dim=1)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, d * (wn / (d.norm(dim=1) + 1e-10)).reshape(-1, 1))
 
 
 def test_loss_landscape_moves_q_of_w_by_default():
@@ -338,3 +370,32 @@ def test_corruption_accuracy_by_hand(monkeypatch):
     out = robustness.corruption_accuracy(net, _t([[1.0], [-1.0], [1.0]]), y[:3], batch_size=2,
                                          names=["a"], severities=[1])  # fmt: skip
     assert out["clean_acc"] == pytest.approx(2 / 3) and out["corr_a_s1"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------- plumbing
+def test_final_label():
+    from qatlab.measure.accuracy import _final_label
+
+    assert _final_label("test_acc") == "final: test acc %"
+    assert _final_label("no_such_column") is None
+
+
+def test_plots_are_written_atomically(tmp_path):
+    from qatlab.measure.landscape import plot_landscape
+    from qatlab.measure.noise import plot_step_sizes
+
+    one = {"coords": [-1.0, 0.0, 1.0], "loss": [2.0, 1.0, 3.0], "acc": [0.5, 0.9, 0.4]}
+    two = {"coords": [-1.0, 1.0], "loss": [[1.0, 2.0], [3.0, 4.0]], "acc": [[1, 1], [1, 1]]}
+    rows = [{"name": "a", "step": 0.1}, {"name": "b", "step": 0.01}]
+    paths = [
+        plot_landscape({"x": one, "y": one}, tmp_path / "new" / "one.png"),
+        plot_landscape({"x": one, "z": two}, tmp_path / "new" / "mixed.png"),
+        plot_step_sizes({"W4": rows, "W2": rows[1:]}, tmp_path / "steps.png"),
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["mixed.png", "one.png"]
+    with pytest.raises(ConfigError):
+        plot_landscape({}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
