@@ -389,13 +389,96 @@ def test_plots_are_written_atomically(tmp_path):
     rows = [{"name": "a", "step": 0.1}, {"name": "b", "step": 0.01}]
     paths = [
         plot_landscape({"x": one, "y": one}, tmp_path / "new" / "one.png"),
-        plot_landscape({"x": one, "z": two}, tmp_path / "new" / "mixed.png"),
+        plot_landscape({"x": one, "z": two}, tmp_path / "new" / "deeper" / "mixed.png"),
         plot_step_sizes({"W4": rows, "W2": rows[1:]}, tmp_path / "steps.png"),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_mode & 0o777 == 0o644
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["mixed.png", "one.png"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deeper", "one.png"]
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["mixed.png"]
     with pytest.raises(ConfigError):
         plot_landscape({}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_plot_temp_file_sits_next_to_the_target(tmp_path, monkeypatch):
+    import os
+
+    from qatlab.measure.landscape import plot_landscape
+
+    one = {"coords": [-1.0, 1.0], "loss": [2.0, 1.0], "acc": [0.5, 0.9]}
+    real, moves = os.replace, []
+
+    def replace(src, dst):
+        moves.append((src, dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    plot_landscape({"x": one}, tmp_path / "a.png")
+    ((src, dst),) = moves
+    src = os.fspath(src)
+    assert os.path.dirname(src) == os.fspath(tmp_path) and dst == tmp_path / "a.png"
+    assert os.path.basename(src).startswith(".a.png.") and src.endswith(".tmp")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        plot_landscape({"x": one}, tmp_path / "b.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no temp file left
+
+
+def _figures(monkeypatch) -> list:
+    from qatlab.measure import landscape
+
+    figs = []
+    monkeypatch.setattr(landscape, "_save_png", lambda fig, path: figs.append(fig) or path)
+    return figs
+
+
+def test_plot_contents(monkeypatch):
+    from qatlab.measure.landscape import plot_landscape
+    from qatlab.measure.noise import plot_step_sizes
+
+    figs = _figures(monkeypatch)
+    one = {"coords": [-1.0, 0.0, 1.0], "loss": [2.0, 1.0, 3.0], "acc": [0.5, 0.9, 0.4]}
+    two = {"coords": [-1.0, 1.0], "loss": [[1.0, 2.0], [3.0, 4.0]], "acc": [[1, 1], [1, 1]]}
+    plot_landscape({"x": one, "y": one}, "unused.png")  # 1-D only: loss and accuracy panels
+    ax_l, ax_a = figs[-1].axes
+    assert (
+        [ln.get_label() for ln in ax_l.lines]
+        == ["x", "y"]
+        == [t.get_text() for t in ax_l.get_legend().texts]
+    )
+    assert list(ax_l.lines[0].get_xdata()) == [-1.0, 0.0, 1.0]
+    assert list(ax_l.lines[0].get_ydata()) == [2.0, 1.0, 3.0]
+    assert list(ax_a.lines[1].get_ydata()) == [0.5, 0.9, 0.4]
+    assert [ax.get_ylabel() for ax in (ax_l, ax_a)] == ["training loss", "training accuracy"]
+    assert ax_l.get_yscale() == "log" and ax_a.get_yscale() == "linear"
+    assert ax_a.get_xlabel() == "step along filter-normalized direction"
+    plot_landscape({"x": one, "z": two}, "unused.png")  # mixed: one panel each (+ colorbar)
+    ax1, ax2, cbar = figs[-1].axes
+    assert (ax1.get_title(), ax2.get_title()) == ("x", "z") and ax1.get_yscale() == "log"
+    assert list(ax1.lines[0].get_xdata()) == [-1.0, 0.0, 1.0]
+    assert list(ax1.lines[0].get_ydata()) == [2.0, 1.0, 3.0]
+    assert (ax2.get_xlabel(), ax2.get_ylabel()) == ("direction 1", "direction 2")
+    assert cbar.get_ylabel() == "log10 training loss"
+    plot_landscape({"z": two}, "unused.png")
+    (ax, _) = figs[-1].axes
+    assert ax.get_title() == "z"
+    plot_step_sizes({"W4": [{"name": "a", "step": 0.1}, {"name": "b", "step": 0.01}],
+                     "W2": [{"name": "b", "step": 0.5}, {"name": "c", "step": 0.2}]},
+                    "unused.png")  # fmt: skip
+    (ax,) = figs[-1].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert [list(ln.get_xdata()) for ln in ax.lines] == [[0, 1], [1, 2]]
+    assert [list(ln.get_ydata()) for ln in ax.lines] == [[0.1, 0.01], [0.5, 0.2]]
+    assert [ln.get_label() for ln in ax.lines] == ["W4", "W2"]
+    assert [ln.get_marker() for ln in ax.lines] == ["o", "o"]
+    assert ax.get_yscale() == "log" and ax.get_legend().get_title().get_text() == "bit width"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == (
+        "layer",
+        "weight step size s (mean over channels)",
+    )
