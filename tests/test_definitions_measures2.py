@@ -389,14 +389,14 @@ def test_plots_are_written_atomically(tmp_path):
     rows = [{"name": "a", "step": 0.1}, {"name": "b", "step": 0.01}]
     paths = [
         plot_landscape({"x": one, "y": one}, tmp_path / "new" / "one.png"),
-        plot_landscape({"x": one, "z": two}, tmp_path / "new" / "deeper" / "mixed.png"),
+        plot_landscape({"x": one, "z": two}, tmp_path / "new2" / "deeper" / "mixed.png"),
         plot_step_sizes({"W4": rows, "W2": rows[1:]}, tmp_path / "steps.png"),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_mode & 0o777 == 0o644
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deeper", "one.png"]
-    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["mixed.png"]
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["one.png"]
+    assert [p.name for p in (tmp_path / "new2" / "deeper").iterdir()] == ["mixed.png"]
     with pytest.raises(ConfigError):
         plot_landscape({}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
@@ -455,6 +455,9 @@ def test_plot_contents(monkeypatch):
     assert list(ax_l.lines[0].get_xdata()) == [-1.0, 0.0, 1.0]
     assert list(ax_l.lines[0].get_ydata()) == [2.0, 1.0, 3.0]
     assert list(ax_a.lines[1].get_ydata()) == [0.5, 0.9, 0.4]
+    assert list(ax_a.lines[1].get_xdata()) == [-1.0, 0.0, 1.0]
+    assert [ln.get_label() for ln in ax_a.lines] == ["x", "y"]
+    assert ax_a.get_position().x0 > ax_l.get_position().x1  # side by side
     assert [ax.get_ylabel() for ax in (ax_l, ax_a)] == ["training loss", "training accuracy"]
     assert ax_l.get_yscale() == "log" and ax_a.get_yscale() == "linear"
     assert ax_a.get_xlabel() == "step along filter-normalized direction"
@@ -465,9 +468,15 @@ def test_plot_contents(monkeypatch):
     assert list(ax1.lines[0].get_ydata()) == [2.0, 1.0, 3.0]
     assert (ax2.get_xlabel(), ax2.get_ylabel()) == ("direction 1", "direction 2")
     assert cbar.get_ylabel() == "log10 training loss"
-    plot_landscape({"z": two}, "unused.png")
-    (ax, _) = figs[-1].axes
-    assert ax.get_title() == "z"
+    # a 2-D panel first: its colorbar takes its own panel's space, not the last panel's
+    low = {"coords": [-1.0, 1.0], "loss": [[0.01, 2.0], [3.0, 4.0]], "acc": [[1, 1], [1, 1]]}
+    plot_landscape({"z": low, "x": one}, "unused.png")
+    axz, axx, cbar = figs[-1].axes
+    assert axz.get_title() == "z" and axz.get_position().width < axx.get_position().width
+    cs = cbar._colorbar.mappable
+    assert cs.axes is axz and cs.cmap.name == "viridis" and len(cs.levels) > 15
+    assert cs.zmin == pytest.approx(-2.0) and cs.zmax == pytest.approx(math.log10(4.0))
+    assert len(axz.collections) > 0 and axz.get_xlabel() == "direction 1"
     plot_step_sizes({"W4": [{"name": "a", "step": 0.1}, {"name": "b", "step": 0.01}],
                      "W2": [{"name": "b", "step": 0.5}, {"name": "c", "step": 0.2}]},
                     "unused.png")  # fmt: skip
