@@ -491,3 +491,56 @@ def test_plot_contents(monkeypatch):
         "layer",
         "weight step size s (mean over channels)",
     )
+
+
+# ----------------------------------------------------------------------------- cross-bit, BN
+def test_cross_bit_by_hand():
+    from qatlab.measure.crossbit import _xb_label, cross_bit, ptq_accuracy, ptq_config
+
+    net = nn.Sequential(nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(_t([[1.0, 0.3]]))
+
+    def probe(m):  # q(w)[0, 1]: max-abs step 1 / p on the restricted grid [-p, p]
+        return float(m(_t([[0.0, 1.0]])).detach())
+
+    # p = 1, 3, 7, 127: round(0.3 p) / p = 0, 1/3, 2/7, 38/127
+    res = cross_bit(net, probe)
+    assert list(res) == ["2", "3", "4", "8", "float"]
+    assert res == pytest.approx({"2": 0.0, "3": 1 / 3, "4": 2 / 7, "8": 38 / 127, "float": 0.3})
+    assert cross_bit(net, probe, bits=[3], calib_batches=[]) == pytest.approx(
+        {"3": 1 / 3, "float": 0.3}
+    )
+    q = qatlab.quantize(net, qatlab.QuantConfig(first_layer="same", last_layer="same",
+                                                weights_only=True))  # fmt: skip
+    with torch.no_grad():
+        q[0].weight_quantizer.step.fill_(0.25)
+        q[0].weight_quantizer.initialized.fill_(True)
+    q[0].weight_quantizer._ready = None
+    # its latent weights are PTQ'd; as trained: round(0.3 / 0.25) 0.25 = 0.25
+    assert cross_bit(q, probe, bits=[4]) == pytest.approx({"4": 2 / 7, "float": 0.3,
+                                                          "trained": 0.25})  # fmt: skip
+    cfg = ptq_config(3)
+    assert (cfg.weight_bits, cfg.act_bits, cfg.weights_only, cfg.weight_grid) == (
+        3, None, True, "restricted")  # fmt: skip
+    assert (cfg.weight_scale, cfg.first_layer, cfg.last_layer) == ("maxabs", "same", "same")
+    cfg = ptq_config(4, act_bits=8, grid="full", scale="lsq", first_last="8bit")
+    assert (cfg.act_bits, cfg.weights_only, cfg.weight_grid, cfg.weight_scale) == (
+        8, False, "full", "lsq")  # fmt: skip
+    assert (cfg.first_layer, cfg.last_layer) == ("8bit", "8bit")
+    # accuracy after PTQ: w = [[1, 0.2], [0, 0.3]], x = [0, 1], y = 1: float [0.2, 0.3] right;
+    # 2 bit [0, 0] and 3 bit [1/3, 1/3] tie -> class 0; 4 bit [1/7, 2/7] right
+    net2 = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        net2.weight.copy_(_t([[1.0, 0.2], [0.0, 0.3]]))
+    ds = ArrayDataset(_t([[0.0, 1.0]]), torch.tensor([1]))
+    assert [ptq_accuracy(net2, ds, b) for b in (2, 3, 4)] == [0.0, 0.0, 1.0]
+    assert ptq_accuracy(net2, ds, 4, batch_size=1) == 1.0
+    assert _xb_label("")("4") == "PTQ W4, weights only %"
+    assert _xb_label("final: ")("float") == "final: float %"
+
+
+def test_bn_average():
+    from qatlab.measure.bn import _avg
+
+    assert _avg([0.1, 0.2, 0.6]) == pytest.approx(0.3) and _avg([]) is None
