@@ -536,8 +536,27 @@ def test_cross_bit_by_hand():
     ds = ArrayDataset(_t([[0.0, 1.0]]), torch.tensor([1]))
     assert [ptq_accuracy(net2, ds, b) for b in (2, 3, 4)] == [0.0, 0.0, 1.0]
     assert ptq_accuracy(net2, ds, 4, batch_size=1) == 1.0
+    q2 = qatlab.quantize(net2, qatlab.QuantConfig(first_layer="same", last_layer="same",
+                                                  weights_only=True, weight_bits=2))  # fmt: skip
+    with torch.no_grad():
+        q2.weight_quantizer.step.fill_(1.0)
+        q2.weight_quantizer.initialized.fill_(True)
+    q2.weight_quantizer._ready = None
+    assert [ptq_accuracy(q2, ds, b) for b in (2, 3, 4)] == [0.0, 0.0, 1.0]  # its latent weights
     assert _xb_label("")("4") == "PTQ W4, weights only %"
     assert _xb_label("final: ")("float") == "final: float %"
+
+
+def test_cross_bit_passes_the_calibration_batches(monkeypatch):
+    from qatlab.measure import crossbit
+
+    seen = []
+    monkeypatch.setattr(crossbit, "ptq", lambda m, cfg, calib: seen.append(calib) or m)
+    batches = iter([(_t([[1.0]]), torch.tensor([0]))])
+    crossbit.cross_bit(nn.Linear(1, 1), lambda m: 0.0, bits=[2, 4], calib_batches=batches)
+    assert len(seen) == 2 and seen[0] is seen[1] and len(seen[0]) == 1  # listed once, reused
+    crossbit.cross_bit(nn.Linear(1, 1), lambda m: 0.0, bits=[2])
+    assert seen[-1] == []
 
 
 def test_bn_average():
