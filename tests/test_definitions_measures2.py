@@ -563,3 +563,49 @@ def test_bn_average():
     from qatlab.measure.bn import _avg
 
     assert _avg([0.1, 0.2, 0.6]) == pytest.approx(0.3) and _avg([]) is None
+
+
+def test_ptq_sweep_by_hand():
+    import types
+
+    from qatlab.measure.ptq import calib_loader, ptq_sweep, split_dataset
+
+    net = nn.Linear(2, 2, bias=False)  # logits at x = [0, 1]: the second column
+    with torch.no_grad():
+        net.weight.copy_(_t([[1.0, 0.2], [0.0, 0.3]]))
+    right = ArrayDataset(_t([[0.0, 1.0]]), torch.tensor([1]))
+    wrong = ArrayDataset(_t([[0.0, 1.0]]), torch.tensor([0]))
+    data = types.SimpleNamespace(test=right, val=wrong, train_eval=right)
+    assert [split_dataset(data, s) for s in ("test", "val", "train")] == [right, wrong, right]
+    with pytest.raises(ConfigError):
+        split_dataset(data, "train_eval")
+    (xb, yb), *rest = list(calib_loader(data, 4))
+    assert rest == [] and torch.equal(xb, right.x) and torch.equal(yb, right.y)
+    qo = {"weight_scale": "maxabs", "weight_grid": "restricted", "first_layer": "same",
+          "last_layer": "same"}  # fmt: skip
+    # float [0.2, 0.3]; W2 (step 1) [0, 0]: class 0; W4 (step 1/7) [1/7, 2/7]
+    rows = ptq_sweep(net, data, [2, 4], act_bits=None, quant_options=qo)
+    keys = ["method", "bits", "weight_bits", "act_bits", "acc", "loss"]
+    assert [[r[k] for k in keys] for r in rows] == [
+        ["float", "float", None, None, 1.0, pytest.approx(math.log1p(math.exp(-0.1)))],
+        ["ptq", "W2A-", 2, None, 0.0, pytest.approx(math.log(2.0))],
+        ["ptq", "W4A-", 4, None, 1.0, pytest.approx(math.log1p(math.exp(-1 / 7)))],
+    ]
+    assert all(r["time_s"] >= 0 and round(r["time_s"], 3) == r["time_s"] for r in rows)
+    rows = ptq_sweep(net, data, [4], quant_options=qo, split="val", batch_size=1)
+    assert [(r["bits"], r["act_bits"], r["acc"]) for r in rows] == [("float", None, 0.0),
+                                                                   ("W4A4", 4, 0.0)]  # fmt: skip
+    assert rows[0]["loss"] == pytest.approx(math.log1p(math.exp(0.1)))
+    rows = ptq_sweep(net, data, [4], act_bits=8, quant_options=qo, calib_batches=1,
+                     bn_reestimate=True)  # fmt: skip
+    assert [(r["bits"], r["acc"]) for r in rows] == [("float", 1.0), ("W4A8", 1.0)]
+    q = qatlab.quantize(net, qatlab.QuantConfig(first_layer="same", last_layer="same",
+                                                weights_only=True))  # fmt: skip
+    with torch.no_grad():
+        q.weight_quantizer.step.fill_(0.25)  # q(w) = [[1, 0.25], [0, 0.25]]: a tie, class 0
+        q.weight_quantizer.initialized.fill_(True)
+    q.weight_quantizer._ready = None
+    rows = ptq_sweep(q, data, [4], act_bits=None, quant_options=qo)
+    assert [(r["method"], r["bits"], r["acc"]) for r in rows] == [
+        ("trained", "trained", 0.0), ("float", "float", 1.0), ("ptq", "W4A-", 1.0)]  # fmt: skip
+    assert rows[0]["loss"] == pytest.approx(math.log(2.0))
