@@ -645,3 +645,81 @@ def test_ptq_sweep_passes_its_options(monkeypatch):
                         last_layer="same", weights_only=True, weight_init="meanabs"))  # fmt: skip
     ptq_mod.ptq_sweep(q, data, [], batch_size=5)
     assert calls == [("eval", 5), ("eval", 5)]  # as trained, then its float model
+
+
+# ----------------------------------------------------------------------------- TALR tracking
+def _rec(step, k, r, rbar, u):
+    return {"step": step, "talr_K": k, "talr_R": r, "talr_Rbar": rbar, "talr_U": u}
+
+
+_TALR = [
+    {"epoch": 0},
+    _rec(2, 1.0, 1.0, 1.0, 0.0),  # not late: 2 is not > 0.2 * 10
+    _rec(4, 1.0, 2.0, 0.5, 0.3),  # K/R = 0.5, K/Rbar = 2: both inside (edges)
+    _rec(6, 1.0, 0.4, 1.0, 0.0),  # K/R = 2.5 outside; K/Rbar = 1
+    _rec(8, 3.0, 1.0, 0.0, 0.6),  # K/R = 3 outside; Rbar = 0: never met, not in the range
+    _rec(10, 0.0, 0.0, 4.0, 0.0),  # R = 0: never met; K/Rbar = 0; U = 0 at T not counted
+    {"step": 10, "test_acc": 0.5},
+    {"step": 7, "talr_K": 1.0, "talr_R": None, "talr_Rbar": 1.0, "talr_U": 0.0},  # incomplete
+]
+
+
+def test_talr_tracking_stats_by_hand():
+    from qatlab.measure.talr import _within, tracking_stats
+
+    assert _within(1.0, 2.0) and _within(2.0, 1.0) and _within(1.0, 1.0)
+    assert not _within(0.99, 2.0) and not _within(2.01, 1.0) and not _within(0.0, 0.0)
+    assert not _within(1.0, -1.0)
+    assert tracking_stats(_TALR, u0=0.25) == pytest.approx(
+        {
+            "talr_U_zero_steps": 2,
+            "talr_late_steps": 4,
+            "talr_U_max_ratio": 0.6 / 0.25,
+            "talr_in2x_R": 1 / 4,
+            "talr_in2x_R_until": 6 / 10,
+            "talr_in2x_Rbar": 2 / 4,
+            "talr_K_Rbar_min": 0.0,
+            "talr_K_Rbar_max": 2.0,
+        }
+    )
+    assert tracking_stats(_TALR) == tracking_stats(_TALR, 0.2, None)
+    assert "talr_U_max_ratio" not in tracking_stats(_TALR)
+    # skip 0.5: late = 6, 8, 10
+    out = tracking_stats(_TALR, skip=0.5)
+    assert (out["talr_late_steps"], out["talr_in2x_R"], out["talr_in2x_R_until"]) == (3, 0.0, 0.6)
+    assert out["talr_in2x_Rbar"] == pytest.approx(1 / 3)
+    # every late step inside: unbroken until T; no Rbar above 0: no range
+    good = [_rec(5, 1.0, 1.5, 0.0, 0.1), _rec(10, 1.0, 0.6, 0.0, 0.1)]
+    out = tracking_stats(good)
+    assert (out["talr_in2x_R"], out["talr_in2x_R_until"], out["talr_in2x_Rbar"]) == (1.0, 1.0, 0.0)
+    assert out["talr_K_Rbar_min"] is None and out["talr_K_Rbar_max"] is None
+    # T = 20 (a later record without TALR): none late at skip 0.9; U = 0 at step 10 counted
+    late_t = [*_TALR, {"step": 20}]
+    assert tracking_stats(late_t, skip=0.9, u0=0.3) == pytest.approx(
+        {"talr_U_zero_steps": 3, "talr_late_steps": 0, "talr_U_max_ratio": 2.0}
+    )
+    assert tracking_stats([{"step": 3}, {"epoch": 1}]) == {}
+    assert tracking_stats([]) == {}
+
+
+def test_talr_initial_lr_and_checks():
+    import types
+
+    from qatlab.errors import ConfigError
+    from qatlab.measure.talr import _check, initial_lr
+
+    def ctx(options):
+        method = types.SimpleNamespace(options=options)
+        train = types.SimpleNamespace(lr=0.1)
+        return types.SimpleNamespace(cfg=types.SimpleNamespace(method=method, train=train))
+
+    assert initial_lr(ctx({"u0": 0.5})) == 0.5 and initial_lr(ctx({"u0": "0.5"})) == 0.5
+    assert initial_lr(ctx({})) == 0.1 and initial_lr(ctx(None)) == 0.1
+    assert initial_lr(ctx({"u0": 0})) == 0.1 and isinstance(initial_lr(ctx({"u0": 1})), float)
+    assert initial_lr(types.SimpleNamespace()) is None
+    _check(0, 0)
+    _check(0.999, 1e-9)
+    _check()
+    for bad in ({"skip": 1.0}, {"skip": -0.01}, {"skip": "0.2"}, {"u0": -1e-9}, {"u0": "1"}):
+        with pytest.raises(ConfigError):
+            _check(**bad)
