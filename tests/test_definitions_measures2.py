@@ -717,6 +717,10 @@ def test_talr_initial_lr_and_checks():
     assert initial_lr(ctx({})) == 0.1 and initial_lr(ctx(None)) == 0.1
     assert initial_lr(ctx({"u0": 0})) == 0.1 and isinstance(initial_lr(ctx({"u0": 1})), float)
     assert initial_lr(types.SimpleNamespace()) is None
+    bare = types.SimpleNamespace(
+        method=types.SimpleNamespace(), train=types.SimpleNamespace(lr=0.2)
+    )
+    assert initial_lr(types.SimpleNamespace(cfg=bare)) == 0.2  # a method without options
     _check(0, 0)
     _check(0.999, 1e-9)
     _check()
