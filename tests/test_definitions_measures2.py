@@ -727,3 +727,58 @@ def test_talr_initial_lr_and_checks():
     for bad in ({"skip": 1.0}, {"skip": -0.01}, {"skip": "0.2"}, {"u0": -1e-9}, {"u0": "1"}):
         with pytest.raises(ConfigError):
             _check(**bad)
+
+
+# ----------------------------------------------------------------------------- logged series
+def test_logged_series_and_reductions_by_hand():
+    from qatlab.errors import ConfigError
+    from qatlab.measure.oscillation import (
+        _avg,
+        _check_logged,
+        _is_epoch_record,
+        _key_name,
+        _logged_label,
+        logged_stats,
+        reduce_series,
+        series,
+    )
+
+    recs = [
+        {"step": 1, "tr": 0.5, "osc_share": 0.1},
+        {"epoch": 1, "train_loss": 1.0, "tr": 9.0, "val_acc": 0.5},
+        {"step": 2, "tr": 0.25, "frozen_share": 0.2, "flag": True},
+        {"step": 0, "tr": 2},  # step 0 is kept as 0
+        {"step": 3, "tr": "n/a", "osc_share": 0.3},
+        {"epoch": 2, "val_loss": 0.5, "val_acc": 0.75},
+        {"step": 4, "tr": None, "frozen_share": 1},
+    ]
+    assert logged_stats(recs) == {"log_tr": 2, "log_osc_share": 0.3, "log_frozen_share": 1}
+    assert logged_stats([{"tr": True}]) == {"log_tr": True}  # bool is an int here
+    assert [_is_epoch_record(r) for r in recs] == [False, True, False, False, False, True, False]
+    assert _is_epoch_record({"val_loss": 1}) and not _is_epoch_record({"loss": 1})
+    assert series(recs, "tr") == [(1, 0.5), (2, 0.25), (0, 2.0)]
+    assert series(recs, "tr", "step") == series(recs, "tr")
+    assert series(recs, "tr", "epoch") == [(1, 9.0)]
+    assert series(recs, "val_acc") == [(1, 0.5), (2, 0.75)]  # auto: no step record holds it
+    assert series(recs, "val_acc", "step") == [] and series(recs, "flag") == []
+    assert series([{"val_acc": 0.5}], "val_acc") == [(0, 0.5)]  # neither step nor epoch: 0
+    assert series([{"step": None, "tr": 1.0}], "tr") == [(0, 1.0)]
+    v = [1.0, 4.0, 2.0, 8.0, 5.0]
+    assert [reduce_series(v, h) for h in ("last", "first", "max", "min", "mean")] == [
+        5.0, 1.0, 8.0, 1.0, 4.0]  # fmt: skip
+    assert reduce_series(v, "tail") == 5.0  # round(0.5) = 0 -> at least one value
+    assert reduce_series(v, "tail", 0.4) == 6.5 and reduce_series(v, "tail", 1.0) == 4.0
+    assert reduce_series(v, "tail", 0.5) == 6.5  # round(2.5) = 2 (half to even), not 3
+    assert reduce_series(v, "tail", 0.7) == 4.75  # round(3.5) = 4: (4 + 2 + 8 + 5) / 4
+    assert reduce_series([], "last") is None
+    with pytest.raises(ValueError):
+        reduce_series(v, "median")
+    assert _key_name("val/acc/x") == "val.acc.x" and _logged_label("tr_last") == "tr_last (logged)"
+    assert _avg([0.25, 0.75]) == 0.5 and _avg([]) is None
+    _check_logged()
+    _check_logged(["tr", "a"], "tail", 1.0, "epoch")
+    for bad in ({"key": []}, {"key": [1]}, {"key": 3}, {"reduce": []}, {"reduce": "median"},
+                {"reduce": 5}, {"series_kind": "all"}, {"tail": 0}, {"tail": 1.01},
+                {"tail": "0.1"}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            _check_logged(**bad)
