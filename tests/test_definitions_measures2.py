@@ -756,6 +756,7 @@ def test_logged_series_and_reductions_by_hand():
     assert logged_stats([{"tr": True}]) == {"log_tr": True}  # bool is an int here
     assert [_is_epoch_record(r) for r in recs] == [False, True, False, False, False, True, False]
     assert _is_epoch_record({"val_loss": 1}) and not _is_epoch_record({"loss": 1})
+    assert _is_epoch_record({"train_loss": 1}) and _is_epoch_record({"val_acc": 1})
     assert series(recs, "tr") == [(1, 0.5), (2, 0.25), (0, 2.0)]
     assert series(recs, "tr", "step") == series(recs, "tr")
     assert series(recs, "tr", "epoch") == [(1, 9.0)]
