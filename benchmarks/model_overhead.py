@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 
@@ -51,9 +52,34 @@ from torch import Tensor, nn
 
 import qatlab
 from qatlab import models
+from qatlab.quant import fused
 
 MODELS = ("reference", "resnet20", "mobilenetv2")
 KINDS = ("float", "qatlab", "ao-qat", "ao-lsq")
+# also: "qatlab-aten", the same qatlab model stepped with QATLAB_FUSED_KERNELS=0 (the ATen passes
+# in place of the fused one-pass kernels of qatlab/quant/fused.py): an A/B of the kernels
+
+
+class _AtenPasses:
+    """``QATLAB_FUSED_KERNELS=0`` for the duration of a with block."""
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get(fused.ENV)
+        os.environ[fused.ENV] = "0"
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            os.environ.pop(fused.ENV, None)
+        else:
+            os.environ[fused.ENV] = self.saved
+
+
+def step_fn(kind: str, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+    """One SGD step of variant ``kind`` (``qatlab-aten``: with the fused kernels off)."""
+    if kind == "qatlab-aten":
+        with _AtenPasses():
+            return sgd_step(model, opt, x, y)
+    return sgd_step(model, opt, x, y)
 
 
 def float_net(name: str) -> nn.Module:
@@ -110,7 +136,7 @@ def build_model(name: str, kind: str, x: Tensor) -> nn.Module:
     """A fresh ``kind`` model of net ``name`` in training mode (same seed, same float weights)."""
     if kind == "float":
         return float_net(name).to(x.device).train()
-    if kind == "qatlab":
+    if kind in ("qatlab", "qatlab-aten"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = qatlab.quantize(
@@ -130,6 +156,8 @@ class MemoryBuilder:
         self.name = name
 
     def __call__(self, kind: str, x: Tensor):
+        if kind == "qatlab-aten":  # one variant per child process: the setting holds for it
+            os.environ[fused.ENV] = "0"
         model = build_model(self.name, kind, x)
         return model, sgd(model)
 
@@ -153,7 +181,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         compile_s[kind] = time.perf_counter() - t0
         print(f"# {name}: compiled {kind} in {compile_s[kind]:.0f} s", flush=True)
         variants[f"{kind}+compile"] = (compiled, opt)
-    steps = {k: (lambda i, k=k: sgd_step(*variants[k], x, y)) for k in variants}
+    steps = {k: (lambda i, k=k: step_fn(k, *variants[k], x, y)) for k in variants}
     times, _ = interleaved(steps, args.steps, args.warmup, device)
     eager = summarize({k: v for k, v in times.items() if not k.endswith("+compile")}, "float")
     comp = {k: v for k, v in times.items() if k.endswith("+compile")}

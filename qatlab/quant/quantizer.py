@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qatlab.errors import ConfigError
+from qatlab.quant import fused
 
 BITS = range(2, 9)
 GRIDS = ("full", "restricted")
@@ -71,11 +72,17 @@ class _FakeQuant(torch.autograd.Function):
         ctx.floor = floor
         if step.dim() == 0 and x.device.type == "cpu":
             s, ctx.held = _cpu_step(step, floor)
+            ctx.s = s
+            ctx.consts = fused.constants(s, n, p) if fused.applies(x) else None
+            out = None if ctx.consts is None else fused.forward(x, ctx.consts)
+            if out is not None:  # one pass; backward recomputes the levels from x
+                ctx.save_for_backward(x, step, None)
+                return out
+            ctx.consts = None
             # x * fl32(1/s) and * s in float32, as with a 0-dim float tensor (bitwise equal:
             # 1/s rounded to double, then to float32, is 1/s rounded to float32)
             out = torch.mul(x, 1.0 / s if s != 0 else math.copysign(math.inf, s))
             out.round_().clamp_(float(n), float(p)).mul_(s)
-            ctx.s = s
             ctx.save_for_backward(x, step, out)
             return out
         ctx.s = None
@@ -95,6 +102,15 @@ class _FakeQuant(torch.autograd.Function):
         s = ctx.s
         if s is not None:
             step_grad = ctx.needs_input_grad[1] and not ctx.held
+            fusable = ctx.consts is not None and step_grad
+            result = fused.backward(grad, x, ctx.consts) if fusable else None
+            if result is not None:
+                grad_x, levels_sum, inner = result
+                grad_step = levels_sum.mul_(s).sub_(inner).mul_(ctx.grad_scale / s)
+                return (grad_x if ctx.needs_input_grad[0] else None), grad_step, *tail
+            if out is None and step_grad:  # fused forward, but no fused backward: <g, s levels>
+                out = torch.mul(x, 1.0 / s if s != 0 else math.copysign(math.inf, s))
+                out.round_().clamp_(float(n), float(p)).mul_(s)
             # <g, out> first: the next layer's backward has just read ``out`` and written ``g``
             outer = torch.dot(grad.reshape(-1), out.reshape(-1)) if step_grad else None
             grad_x = torch.ops.aten.hardtanh_backward(grad, x, (n - 0.5) * s, (p + 0.5) * s)
