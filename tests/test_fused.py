@@ -1,9 +1,10 @@
 """The fused one-pass eager kernels (qatlab/quant/fused.py) against the ATen passes they replace.
 
 On a tensor large enough to take the fused path, the forward output and the input gradient must
-be bitwise equal to the ATen passes (``QATLAB_FUSED_KERNELS=0``), the step gradient equal up to
-float32 summation order; small tensors, other dtypes and ``QATLAB_FUSED_KERNELS=0`` keep the
-ATen passes; a kernel that cannot be built warns once and gives the ATen results.
+be bitwise equal to the ATen passes (``QATLAB_FUSED_KERNELS=0``), the step gradient equal up
+to float32 rounding (summation order); small tensors, other dtypes and
+``QATLAB_FUSED_KERNELS=0`` keep the ATen passes; a kernel that cannot be built warns once and
+gives the ATen results.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _run(x: torch.Tensor, step: float, n: int, p: int, g: torch.Tensor, floor=No
 @pytest.fixture
 def big():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 48, 48, generator=gen) * 1.5  # 73,728 elements >= MIN_NUMEL
+    x = torch.randn(2, 32, 128, 128, generator=gen) * 1.5  # 1,048,576 elements = MIN_NUMEL
     assert x.numel() >= fused.MIN_NUMEL
     return x, torch.randn(x.shape, generator=gen)
 
@@ -55,14 +56,18 @@ def test_fused_matches_aten_passes(big, monkeypatch, n, p):
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])
     assert got[2].shape == want[2].shape == ()
-    torch.testing.assert_close(got[2], want[2], rtol=2e-4, atol=1e-6)
-    # and both against a float64 computation of LSQ's step gradient
+    # the step gradient: both within float32 rounding of a float64 computation of LSQ's, on
+    # the scale of its terms (a sum of ~1e6 products with cancellation; relative error of the
+    # result itself can reach 1e-4 at 8 bits, for the ATen dot products as for the kernel)
     x64, g64, s = x.double(), g.double(), float(torch.tensor(0.137))
     scaled = x64 / s
     levels = scaled.round().clamp(n, p)
     inside = (scaled > n - 0.5) & (scaled < p + 0.5)
     exact = 0.01 * float((g64 * levels).sum() - (g64 * inside * scaled).sum())
-    assert abs(float(got[2]) - exact) <= 2e-4 * max(1.0, abs(exact))
+    scale = 0.01 * float((g64 * levels).abs().sum() + (g64 * inside * scaled).abs().sum())
+    assert abs(float(got[2]) - exact) <= 2e-8 * scale
+    assert abs(float(want[2]) - exact) <= 2e-8 * scale
+    assert abs(float(got[2]) - exact) <= 1e-3 * abs(exact)
 
 
 def test_fused_step_held_at_floor_gets_no_gradient(big, monkeypatch):
