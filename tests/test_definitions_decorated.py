@@ -1,0 +1,389 @@
+"""Definitions of the decorated functions (``@torch.no_grad()``, ``@contextmanager``,
+``@property``, the registries) on hand-made input with an answer worked out by hand.
+
+mutmut 3.8 left these functions unmutated; ``tools/mutants.py`` mutates them, and these tests
+kill the mutants the other ``tests/test_definitions*.py`` files let through
+(docs/results/mutation.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qatlab
+import qatlab.quant.quantizer as quantizer_module
+from qatlab.methods import saq as saq_module
+from qatlab.methods.oscillation import IterativeFreezing, OscillationTracker
+from qatlab.methods.saq import SAQ
+from qatlab.quant.quantizer import Quantizer, mse_step
+from qatlab.quant.transitions import TransitionCounter
+from qatlab.quant.weights import keep_quantized_weights, perturbed_weights
+from qatlab.train.optim import LogAdam
+
+_ALL_SAME = dict(first_layer="same", last_layer="same", weights_only=True)
+
+
+def _layer(weights: list[float], step: float = 1.0, bits: int = 4):
+    """A quantized ``Linear(k, 1)`` with the given latent weights and a fixed step."""
+    layer = qatlab.quantize(
+        nn.Linear(len(weights), 1, bias=False), qatlab.QuantConfig(weight_bits=bits, **_ALL_SAME)
+    )
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+        layer.weight_quantizer.step.fill_(step)
+    return layer
+
+
+def _set(layer, weights: list[float]) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([weights]))
+
+
+# ----------------------------------------------------------------------------- quantizer
+def test_grid_range_of_an_undecided_sign_is_signed():
+    assert Quantizer(4, signed="auto").grid_range == (-8, 7)
+    assert Quantizer(4, signed=False).grid_range == (0, 15)
+    assert Quantizer(3, signed=True, grid="restricted").grid_range == (-3, 3)
+
+
+def test_initialize_decides_the_sign_from_negatives_only():
+    q = Quantizer(2, signed="auto", scale="minmax")
+    q.initialize(torch.tensor([0.0, 0.5, 3.0]))  # a zero is not negative: unsigned, p = 3
+    assert q.signed is False
+    assert q.step.item() == 1.0  # max |x| / 3
+    assert bool(q.initialized) is True and q._ready is True
+    q = Quantizer(2, signed="auto", scale="minmax")
+    q.initialize(torch.tensor([-0.5, 2.0]))  # signed: p = 1
+    assert q.signed is True and q.step.item() == 2.0
+
+
+def test_initialize_of_a_dynamic_policy_only_marks_it_ready():
+    q = Quantizer(2, scale="maxabs")
+    q.initialize(torch.tensor([1.0, -3.0]))
+    assert bool(q.initialized) is True and q._ready is True
+
+
+def test_initialize_lsq_plus_from_min_and_max():
+    q = Quantizer(2, scale="lsq+")  # unsigned grid 0..3
+    q.initialize(torch.tensor([-1.0, 0.5, 2.0]))
+    assert (q.step.item(), q.offset.item()) == (1.0, -1.0)  # (2 - -1) / 3, min
+    assert bool(q.initialized) is True and q._ready is True
+    q = Quantizer(2, scale="lsq+")
+    q.initialize(torch.tensor([0.5, 0.5]))  # no range: the step floor 1e-8
+    assert q.step.item() == pytest.approx(1e-8, rel=1e-6)
+    assert q.offset.item() == 0.5
+
+
+def test_initialize_uses_the_policy_or_lsqs_init_method():
+    x = torch.tensor([1.0, -3.0])  # 2 bits: p = 1; mean |x| = 2
+    q = Quantizer(2, scale="minmax", init="meanabs")
+    q.initialize(x)
+    assert q.step.item() == 3.0  # the policy (minmax), not the init method
+    q = Quantizer(2, scale="lsq", init="meanabs")
+    q.initialize(x)
+    assert q.step.item() == 4.0  # 2 * mean|x| / sqrt(1)
+    q = Quantizer(2, scale="lsq", init="percentile", percentile=50.0)
+    q.initialize(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert q.step.item() == 3.0  # the median of |x|, over p = 1
+    q = Quantizer(2, scale="lsq", init="minmax", channels=2)
+    q.initialize(torch.tensor([[1.0, -2.0], [4.0, 0.5]]))
+    assert q.step.tolist() == [2.0, 4.0]  # per channel
+    x = torch.tensor([-3.5, 0.2, 0.4, -0.1])  # the search clips -3.5 at n = -4
+    q = Quantizer(3, scale="lsq", init="mse")
+    q.initialize(x)
+    assert q.step.item() == mse_step(x, -4, 3).item() == 0.875  # 3.5 / 4
+
+
+def test_from_integer_takes_the_dtype_of_like():
+    q = Quantizer(4)
+    with torch.no_grad():
+        q.step.fill_(0.5)
+    ints = torch.tensor([1, -2], dtype=torch.int8)
+    out = q.from_integer(ints, torch.zeros(2, dtype=torch.float64))
+    assert out.dtype == torch.float64 and out.tolist() == [0.5, -1.0]
+
+
+def test_observing_per_tensor_keeps_a_budget_and_the_extremes(monkeypatch):
+    monkeypatch.setattr(quantizer_module, "_MAX_SAMPLES", 5)
+    torch.manual_seed(0)
+    q = Quantizer(2, scale="minmax", signed=True)
+    q.start_observing()
+    a = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    q._observe(a)  # 4 values, budget 5: all kept, flattened
+    assert [s.tolist() for s in q._samples] == [[0.5, -1.0, 2.0, 0.25]]
+    b = torch.tensor([3.0, -4.0, 1.0, 0.0])
+    q._observe(b)  # budget 1: one random value, then min and max
+    kept = q._samples[1].tolist()
+    assert len(kept) == 3 and kept[0] in b.tolist() and kept[1:] == [-4.0, 3.0]
+    q._observe(torch.tensor([9.0]))  # budget 0: nothing more
+    assert len(q._samples) == 2
+    q.finish_observing()
+    assert q._observing is False and q._samples == []
+    assert q.step.item() == 4.0  # max |x| over p = 1
+    assert bool(q.initialized) is True
+
+
+def test_observing_stops_at_the_budget_exactly(monkeypatch):
+    monkeypatch.setattr(quantizer_module, "_MAX_SAMPLES", 5)
+    q = Quantizer(2, scale="minmax")
+    q.start_observing()
+    q._observe(torch.tensor([1.0, 2.0, 3.0]))
+    q._observe(torch.tensor([-5.0, 4.0]))  # exactly the budget left (2): kept as it is
+    assert [s.tolist() for s in q._samples] == [[1.0, 2.0, 3.0], [-5.0, 4.0]]
+    q._observe(torch.tensor([9.0]))  # budget 0: nothing more, not even the extremes
+    assert len(q._samples) == 2
+
+
+def test_observing_per_channel_counts_columns(monkeypatch):
+    monkeypatch.setattr(quantizer_module, "_MAX_SAMPLES", 4)
+    torch.manual_seed(0)
+    q = Quantizer(2, scale="minmax", channels=2)
+    q.start_observing()
+    a = torch.tensor([[1.0, -2.0, 0.5], [0.25, 0.5, -1.0]])
+    q._observe(a)  # 3 columns, budget 4: kept as [2, 3]
+    assert q._samples[0].tolist() == a.tolist()
+    b = torch.tensor([[6.0, -0.5, 0.0], [-3.0, 0.75, 8.0]])
+    q._observe(b)  # budget 1 column: one column of b (the same for both rows), min, max
+    kept = q._samples[1]
+    assert kept.shape == (2, 3)
+    assert kept[:, 0].tolist() in b.t().tolist()
+    assert kept[:, 1:].tolist() == [[-0.5, 6.0], [-3.0, 8.0]]
+    q.finish_observing()  # the samples joined along the columns: per channel max |x| / 1
+    assert q.step.tolist() == [6.0, 8.0]
+
+
+def test_finish_observing_without_samples_leaves_the_step():
+    q = Quantizer(2, scale="minmax")
+    with torch.no_grad():
+        q.step.fill_(0.5)
+    q.start_observing()
+    q.finish_observing()
+    assert q.step.item() == 0.5 and bool(q.initialized) is False and q._observing is False
+
+
+# ----------------------------------------------------------------------------- transitions
+def test_transitions_are_int8_and_do_not_overflow_at_8_bits():
+    layer = _layer([-128.0, 5.0], bits=8)
+    counter = TransitionCounter(layer, include_pinned=True)
+    _set(layer, [127.0, 4.0])
+    moves = counter.update(layer)
+    (name,) = counter.layer_names
+    assert moves.current[name].dtype == torch.int8
+    assert moves.direction[name].dtype == torch.int8
+    assert moves.current[name].tolist() == [[127, 4]]
+    assert moves.direction[name].tolist() == [[1, -1]]  # 127 - (-128) = 255 is up
+
+
+# ----------------------------------------------------------------------------- oscillations
+def test_oscillating_share_and_stats_at_the_threshold():
+    layer = _layer([0.0, 0.0])
+    tracker = OscillationTracker(layer, momentum=0.5, threshold=0.25)
+    (name,) = tracker.layer_names
+    tracker.buffer(name, "freq").copy_(torch.tensor([[0.25, 0.5]]))
+    assert tracker.oscillating_share() == 0.5  # 0.25 is not above 0.25
+    stats = tracker.stats(bins=4)[name]
+    assert set(stats) == {"share", "mean_freq", "hist", "hist_max"}
+    assert stats["share"] == 0.5
+    assert stats["mean_freq"] == 0.375
+    assert stats["hist"] == [0.0, 0.0, 1.0, 1.0]  # bins of 0.125 from 0 to max f = 0.5
+    assert stats["hist_max"] == 0.5
+    assert len(tracker.stats()[name]["hist"]) == 20
+    tracker.buffer(name, "freq").zero_()
+    assert tracker.stats(bins=2)[name]["hist"] == [2.0, 0.0]  # range [0, 1e-6]
+
+
+def test_frozen_share_of_a_single_weight():
+    layer = _layer([0.0])
+    fr = IterativeFreezing(layer)
+    (name,) = fr.layer_names
+    fr.buffer(name, "frozen").fill_(True)
+    assert fr.frozen_share() == 1.0
+
+
+def test_freezing_writes_back_before_tracking_and_logs_on_schedule():
+    # as in test_definitions.test_freezing_at_a_known_step_and_integer: weight 0 freezes at
+    # update 4 at the integer 2 with ema_int 2.4697265625
+    layer = _layer([2.0, -5.0])
+    fr = IterativeFreezing(
+        layer, momentum=0.25, threshold_start=0.578125, threshold_end=0.578125, start=0.0,
+        log_every=3,
+    )
+    (name,) = fr.layer_names
+    logs = []
+    for t, v in enumerate([3.0, 2.0, 3.0, 2.0, 3.0]):
+        _set(layer, [v, -4.0 + t])
+        logs.append(fr.after_step(layer, t, 1000))
+    assert logs[:2] == [None, None] and logs[3:] == [None, None]
+    assert logs[2] == {"osc_share": 0.0, "frozen_share": 0.0}
+    # the optimizer moves the frozen weight to 6: written back to 2 before the update, so the
+    # tracker sees the integer 2 (ema 0.75 * 2.4697265625 + 0.25 * 2), not 6
+    _set(layer, [6.0, 1.0])
+    fr.after_step(layer, 5, 1000)
+    assert fr.buffer(name, "ema_int")[0, 0].item() == pytest.approx(2.352294921875)
+
+
+def test_freezing_uses_a_shared_counters_cached_step():
+    layer = _layer([0.0])
+    fr = IterativeFreezing(layer, momentum=0.5, start=0.0)
+    _set(layer, [1.0])
+    fr.transitions.update(layer, 0)  # another user of the counter went first
+    fr.after_step(layer, 0, 10)
+    assert fr.buffer(fr.layer_names[0], "dir").tolist() == [[1]]
+
+
+# ----------------------------------------------------------------------------- SAQ
+def _fixed(model: nn.Module, weights: dict[int, list]) -> nn.Module:
+    """Quantize ``model`` (weights only, 4 bit, step 1 held fixed) and set the given weights."""
+    model = qatlab.quantize(model, qatlab.QuantConfig(**_ALL_SAME))
+    with torch.no_grad():
+        for i, w in weights.items():
+            model[i].weight.copy_(torch.tensor(w))
+            model[i].weight_quantizer.step.fill_(1.0)
+            model[i].weight_quantizer.step.requires_grad_(False)
+    return model
+
+
+def _two_layers() -> nn.Module:
+    # q(w0) = I, q(w1) = [1, 1]; x = [1, 2]: out = 3
+    return _fixed(
+        nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)),
+        {0: [[1.0, 0.0], [0.0, 1.0]], 1: [[1.0, 1.0]]},
+    )
+
+
+def test_saq_perturbs_every_layer_of_e_until_restored():
+    model = _two_layers()
+    x = torch.tensor([[1.0, 2.0]])
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5, ball="raw")
+    e = {"0": torch.tensor([[0.5, 0.0], [0.0, 0.0]]), "1": torch.tensor([[0.0, 0.25]])}
+    opt.perturb(e)
+    # (q(w1) + e1) (q(w0) + e0) x = [1, 1.25] . [1.5, 2] = 4
+    assert model(x).item() == 4.0
+    opt.restore()
+    assert model(x).item() == 3.0
+    assert all("qweight_delta" not in m.__dict__ for m in model)
+
+
+def test_saq_perturb_freezes_bn_statistics_by_default():
+    model = qatlab.quantize(
+        nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2)),
+        qatlab.QuantConfig(**_ALL_SAME),
+    )
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, ball="raw")
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    opt.perturb({"0": torch.zeros(2, 2)})
+    model(x)
+    assert model[1].running_mean.tolist() == [0.0, 0.0] and int(model[1].num_batches_tracked) == 0
+    opt.restore()
+    model(x)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_saq_case_2_perturbs_latent_weights_and_extras_in_place():
+    model = _fixed(nn.Sequential(nn.Linear(2, 1)), {0: [[0.25, 1.5]]})
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, case=2, bias=True, ball="raw")
+    assert set(opt.extras) == {"0.bias"}
+    opt.perturb({"0": torch.tensor([[1.0, -1.0]]), "0.bias": torch.tensor([2.0])})
+    assert model[0].weight.tolist() == [[1.25, 0.5]] and model[0].bias.tolist() == [2.5]
+    opt.restore()
+    assert model[0].weight.tolist() == [[0.25, 1.5]] and model[0].bias.tolist() == [0.5]
+
+
+def test_saq_perturbation_norm_guard_is_added():
+    # a gradient of norm 3e-12: e = rho g / (3e-12 + 1e-12) = 0.375 (0.75 if it were subtracted)
+    model = _fixed(nn.Sequential(nn.Linear(2, 1, bias=False)), {0: [[1.0, 2.0]]})
+    model[0].weight.grad = torch.tensor([[3e-12, 0.0]])
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5, case=1, ball="raw")
+    assert opt.perturbation()["0"].tolist() == [[pytest.approx(0.375, rel=1e-4), 0.0]]
+    # adaptive: scale T = |w| + eta = [1.01, 2.01]; e = rho T^2 g / (||T g|| + 1e-12)
+    ada = SAQ(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.5, case=1, ball="raw",
+        adaptive=True, eta=0.01,
+    )
+    tg = 1.01 * 3e-12
+    expected = 0.5 * 1.01 * tg / (tg + 1e-12)
+    assert ada.perturbation()["0"].tolist() == [[pytest.approx(expected, rel=1e-4), 0.0]]
+
+
+def test_saq_first_pass_twice_releases_the_first_kept_weights():
+    model = _two_layers()
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, ball="raw")
+    x = torch.tensor([[1.0, 2.0]])
+    with opt.first_pass():
+        model(x).sum().backward()
+    first = opt._kept
+    with opt.first_pass():
+        model(x).sum().backward()
+    assert opt._kept is not first and "0" in opt._kept.grads()
+
+
+def test_saq_reduce_kept_averages_each_layers_slice(monkeypatch):
+    # three layers with 4, 4 and 2 weights: the flat all-reduce buffer is cut back at 0, 4, 8
+    model = _fixed(
+        nn.Sequential(
+            nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)
+        ),
+        {0: [[1.0, 0.0], [0.0, 1.0]], 1: [[1.0, 0.0], [0.0, 1.0]], 2: [[1.0, 1.0]]},
+    )
+    other = torch.arange(10.0)  # the other rank's dL/dq(w), flat
+
+    class FakeDist:
+        @staticmethod
+        def all_reduce(t):
+            t.add_(other)
+
+        @staticmethod
+        def get_world_size():
+            return 2
+
+    monkeypatch.setattr(saq_module, "_distributed", lambda: True)
+    monkeypatch.setattr(saq_module, "dist", FakeDist)
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, ball="raw")
+    with opt.first_pass():
+        model(torch.tensor([[1.0, 2.0]])).sum().backward()
+    grads = opt._kept.grads()
+    for g in grads.values():
+        g.fill_(2.0)
+    opt._reduce_kept()
+    assert grads["0"].tolist() == [[1.0, 1.5], [2.0, 2.5]]  # (2 + [0, 1, 2, 3]) / 2
+    assert grads["1"].tolist() == [[3.0, 3.5], [4.0, 4.5]]
+    assert grads["2"].tolist() == [[5.0, 5.5]]
+
+
+# ----------------------------------------------------------------------------- LogAdam
+def test_logadam_returns_the_closures_loss_and_skips_groups_without_gradients():
+    a, b = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor([-0.5, 2.0]))
+    opt = LogAdam([{"params": [a]}, {"params": [b], "log": False}], lr=0.1, eps=1e-3)
+    assert opt.step() is None
+    b.grad = torch.tensor([2.0, -4.0])  # the first group has none: the second still steps
+    assert opt.step(lambda: 7.0) == 7.0
+    assert a.item() == 1.0 and a.grad is None
+    assert b.tolist() == pytest.approx([-0.5 - 0.1 * 2 / 2.001, 2.0 + 0.1 * 4 / 4.001], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- kept weights
+def test_kept_weights_become_leaves_with_their_gradient():
+    model = _two_layers()
+    with keep_quantized_weights(model) as kept:
+        assert model[0].keep_qweight is True and model[1].keep_qweight is True
+        out = model[0](torch.tensor([[1.0, 2.0]]))  # only layer 0 runs
+        (out * torch.tensor([[1.0, 3.0]])).sum().backward()
+    assert "keep_qweight" not in model[0].__dict__ and "keep_qweight" not in model[1].__dict__
+    assert model[0].keep_qweight is False
+    w = model[0].kept_qweight
+    assert w.is_leaf and w.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert w.grad.tolist() == [[1.0, 2.0], [3.0, 6.0]]  # dL/dq = c x^T
+    assert model[1].kept_qweight is None
+    assert set(kept.grads()) == {"0"}
+
+
+def test_perturbed_weights_touch_only_the_named_layers():
+    model = _two_layers()
+    with perturbed_weights(model, {"1": torch.tensor([[0.0, 1.0]])}):
+        assert model(torch.tensor([[1.0, 2.0]])).item() == 5.0  # [1, 2] . [1, 2]
+        assert model[0].qweight_delta is None
+    assert model(torch.tensor([[1.0, 2.0]])).item() == 3.0
