@@ -8,12 +8,21 @@ kill the mutants the other ``tests/test_definitions*.py`` files let through
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import qatlab
 import qatlab.quant.quantizer as quantizer_module
+from qatlab.data.corruptions import SIGNAL_CORRUPTIONS
+from qatlab.data.loader import ArrayDataset
+from qatlab.errors import ConfigError
+from qatlab.measure import robustness
+from qatlab.measure.accuracy import evaluate
+from qatlab.measure.noise import quantization_noise
+from qatlab.measure.qgen import _bound_label
 from qatlab.methods import saq as saq_module
 from qatlab.methods.oscillation import IterativeFreezing, OscillationTracker
 from qatlab.methods.saq import SAQ
@@ -387,3 +396,83 @@ def test_perturbed_weights_touch_only_the_named_layers():
         assert model(torch.tensor([[1.0, 2.0]])).item() == 5.0  # [1, 2] . [1, 2]
         assert model[0].qweight_delta is None
     assert model(torch.tensor([[1.0, 2.0]])).item() == 3.0
+
+
+def test_saq_perturb_closes_what_it_entered_when_it_fails(monkeypatch):
+    model = _two_layers()
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, ball="raw")
+
+    def broken(_model):
+        raise RuntimeError("no BN freezing")
+
+    monkeypatch.setattr(saq_module, "frozen_bn_stats", broken)
+    with pytest.raises(RuntimeError) as failure:  # keeps perturb's frame (and its stack) alive
+        opt.perturb({"1": torch.tensor([[0.0, 1.0]])})
+    assert failure.value is not None
+    assert "qweight_delta" not in model[1].__dict__  # perturbed_weights was left
+    assert model(torch.tensor([[1.0, 2.0]])).item() == 3.0
+
+
+def test_saq_units_skip_keys_outside_the_ball_whatever_their_order():
+    model = _two_layers()
+    opt = SAQ(torch.optim.SGD(model.parameters(), lr=0.1), model, ball="std")
+    std = model[0].weight.detach().std()  # of [[1, 0], [0, 1]]: sqrt(1/3)
+    for prefix in ("a", "b", "c"):  # a set's order depends on the strings' hashes
+        keys = [f"{prefix}{i}" for i in range(20)] + ["0"]
+        assert opt.units(keys) == {"0": std}
+
+
+# ----------------------------------------------------------------------------- measures
+class _Logits(nn.Module):
+    """No parameters: the input's features are the logits."""
+
+    def forward(self, x):
+        return x.reshape(len(x), -1)
+
+
+def test_evaluate_a_model_without_parameters_in_float64():
+    # batches of 1: per-sample losses 2^24, ln 2, ln 2; a float32 sum would stay at 2^24
+    x = torch.tensor([[2.0**24, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    res = evaluate(_Logits(), ArrayDataset(x, torch.tensor([1, 0, 0])), batch_size=1)
+    assert res["acc"] == pytest.approx(2 / 3)  # argmax of [0, 0] is class 0
+    assert res["loss"] == pytest.approx((2.0**24 + 2 * math.log(2.0)) / 3, rel=1e-12)
+
+
+def test_corruption_accuracy_checks_and_the_table_of_xs_rank(monkeypatch):
+    seen = []
+
+    def fake_corrupt(x, name, s, seed, pixel_range=None):
+        seen.append(name)
+        return x
+
+    monkeypatch.setattr(robustness, "corrupt", fake_corrupt)
+    x, y = torch.ones(3, 1, 2), torch.zeros(3, dtype=torch.long)  # signals: (N, C, L)
+    out = robustness.corruption_accuracy(_Logits(), x, y, severities=[1])
+    assert list(dict.fromkeys(seen)) == list(SIGNAL_CORRUPTIONS)
+    assert out["clean_acc"] == 1.0 and out["corr_mean"] == 1.0
+    for bad in (
+        dict(names=["nope"]),
+        dict(severities=[]),
+        dict(severities=[6]),
+        dict(y=y[:2]),
+        dict(x=x[:0], y=y[:0]),
+    ):
+        kw = {"x": x, "y": y, **bad}
+        with pytest.raises(ConfigError):
+            robustness.corruption_accuracy(
+                _Logits(), kw.pop("x"), kw.pop("y"), **{"severities": [1], **kw}
+            )
+
+
+def test_quantization_noise_per_tensor_pools_the_rows_and_computes_max_abs_steps():
+    layer = _fixed(nn.Sequential(nn.Linear(2, 2, bias=False)), {0: [[0.25, 0.25], [-0.25, -0.25]]})
+    # q(w) = 0: errors -w, mean 0, variance 1/16 over all four (each row alone: 0); s = 1
+    (row,) = quantization_noise(layer)
+    assert row["noise_ratio"] == 0.75 and row["per_channel"] is False
+    layer[0].weight_quantizer = Quantizer(2, scale="maxabs")  # step max|w| / 1 = 0.25
+    (row,) = quantization_noise(layer)
+    assert row["step"] == 0.25 and row["clipped"] == 0.0
+
+
+def test_bound_labels():
+    assert _bound_label("PAC-Bayes")("mag_init") == "PAC-Bayes mag init"
