@@ -24,8 +24,11 @@ from qatlab.measure.accuracy import evaluate
 from qatlab.measure.noise import quantization_noise
 from qatlab.measure.qgen import _bound_label
 from qatlab.methods import saq as saq_module
-from qatlab.methods.oscillation import IterativeFreezing, OscillationTracker
-from qatlab.methods.saq import SAQ
+from qatlab.methods.oscillation import IterativeFreezing, OscillationDampening, OscillationTracker
+from qatlab.methods.oscreg import OscillationRegularizer, PTQAccuracy
+from qatlab.methods.registry import get_method
+from qatlab.methods.saq import DEFAULT_BALL, DEFAULT_RHO, SAQ
+from qatlab.methods.talr import TALRHook
 from qatlab.quant.quantizer import Quantizer, mse_step
 from qatlab.quant.transitions import TransitionCounter
 from qatlab.quant.weights import keep_quantized_weights, perturbed_weights
@@ -476,3 +479,107 @@ def test_quantization_noise_per_tensor_pools_the_rows_and_computes_max_abs_steps
 
 def test_bound_labels():
     assert _bound_label("PAC-Bayes")("mag_init") == "PAC-Bayes mag init"
+
+
+# ----------------------------------------------------------------------------- method builders
+def _summary(hooks: list) -> list[dict]:
+    """Each hook's type and the plain values it keeps (options, thresholds, layer names)."""
+    out = []
+    for h in hooks:
+        d = {"type": type(h).__name__}
+        for k, v in vars(h).items():
+            if isinstance(v, (bool, int, float, str, tuple, dict, type(None))) and not k.startswith(
+                "_"
+            ):
+                d[k] = v
+        for k in ("layer_names",):
+            if hasattr(h, k):
+                d[k] = list(getattr(h, k))
+        if hasattr(h, "transitions"):
+            d["counted"] = list(h.transitions.layer_names)
+        out.append(d)
+    return out
+
+
+def _two_quantized() -> nn.Module:
+    """Two layers; the first is pinned to 8 bits by the first-layer policy."""
+    return qatlab.quantize(
+        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)),
+        qatlab.QuantConfig(weight_bits=3, weights_only=True, last_layer="same"),
+    )
+
+
+def test_oscillation_method_builders_pass_each_option_on():
+    m = _two_quantized()
+    q3, q4 = qatlab.QuantConfig(weight_bits=3), qatlab.QuantConfig(weight_bits=4)
+    build = {n: get_method(n).build for n in ("track", "dampen", "freeze")}
+    # defaults (log_every 0: 1000 // 100 = 10 steps)
+    assert _summary(build["track"](m, q3, 1000)) == _summary(
+        [OscillationTracker(m, 0.001, 0.01, log_every=10)]
+    )
+    assert _summary(build["dampen"](m, q3, 1000)) == _summary(
+        [
+            OscillationDampening(0.1, "kernel_mean", 0.25, include_pinned=True),
+            OscillationTracker(m, 0.001, 0.01, log_every=10),
+        ]
+    )
+    assert _summary(build["freeze"](m, q3, 1000)) == _summary(
+        [IterativeFreezing(m, 0.001, 0.1, 0.011, 0.25, 4, 10)]  # Nagel's 0.011 at 3 bits
+    )
+    assert build["freeze"](m, q4, 1000)[0].threshold_end == 0.01
+    assert build["freeze"](m, None, 1000)[0].threshold_end == 0.01
+    # every option set
+    assert _summary(build["track"](m, q3, 1000, momentum=0.5, threshold=0.2, log_every=7)) == (
+        _summary([OscillationTracker(m, 0.5, 0.2, log_every=7)])
+    )
+    opts = dict(lambda_max=0.3, aggregation="sum", start=0.5, include_pinned=False,
+                momentum=0.5, threshold=0.2, log_every=7)  # fmt: skip
+    assert _summary(build["dampen"](m, q3, 1000, **opts)) == _summary(
+        [
+            OscillationDampening(0.3, "sum", 0.5, include_pinned=False),
+            OscillationTracker(m, 0.5, 0.2, log_every=7),
+        ]
+    )
+    opts = dict(momentum=0.5, threshold_start=0.3, threshold_end=0.02, start=0.5, max_bits=8,
+                log_every=7)  # fmt: skip
+    assert _summary(build["freeze"](m, q3, 1000, **opts)) == _summary(
+        [IterativeFreezing(m, 0.5, 0.3, 0.02, 0.5, 8, 7)]
+    )
+
+
+def test_oscreg_saq_and_talr_builders_pass_each_option_on():
+    m = _two_quantized()
+    q3 = qatlab.QuantConfig(weight_bits=3)
+    oscreg, saq, talr = (get_method(n).build for n in ("oscreg", "saq", "talr"))
+    assert _summary(oscreg(m, q3, 100)) == _summary(
+        [
+            OscillationRegularizer(m, 3, 1.0, "restricted", step_grad=True, aggregation="mean",
+                                   stats_every=0),  # fmt: skip
+            PTQAccuracy(3),
+        ]
+    )
+    opts = dict(target_bits=4, lam=0.5, grid="full", step_grad=False, aggregation="uniform",
+                stats_every=3)  # fmt: skip
+    assert _summary(oscreg(m, q3, 100, **opts)) == _summary(
+        [
+            OscillationRegularizer(m, 4, 0.5, "full", step_grad=False, aggregation="uniform",
+                                   stats_every=3),  # fmt: skip
+            PTQAccuracy(4),
+        ]
+    )
+    saq_defaults = dict(rho=DEFAULT_RHO, case=3, every=1, adaptive=False, eta=0.01, bias=False,
+                        norm=False, act_steps=False, weight_steps=False, ball=DEFAULT_BALL,
+                        adaptive_bias=True, bn_update=False, per_replica=False)  # fmt: skip
+    assert saq(m, q3, 100)[0].options == saq_defaults
+    saq_opts = dict(rho=0.2, case=1, every=2, adaptive=True, eta=0.5, bias=True, norm=True,
+                    act_steps=True, weight_steps=True, ball="raw", adaptive_bias=False,
+                    bn_update=True, per_replica=True)  # fmt: skip
+    assert saq(m, q3, 100, **saq_opts)[0].options == saq_opts
+    assert _summary(talr(m, q3, 100)) == _summary([TALRHook(m, 100)])
+    talr_opts = dict(lam=0.5, controller="paper", momentum=0.9, schedule="step", per_layer=True,
+                     eta=0.2, u0=0.3, max_change=3.0, u_max=0.7, include_pinned=True,
+                     milestones="0.25,0.5", gamma=0.5, log_every=9)  # fmt: skip
+    assert _summary(talr(m, q3, 100, **talr_opts)) == _summary(
+        [TALRHook(m, 100, 0.5, 0.9, "step", True, 0.2, 0.3, True, (0.25, 0.5), 0.5, 9, "paper",
+                  3.0, 0.7)]  # fmt: skip
+    )
