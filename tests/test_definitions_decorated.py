@@ -8,7 +8,9 @@ kill the mutants the other ``tests/test_definitions*.py`` files let through
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +21,12 @@ import qatlab.quant.quantizer as quantizer_module
 from qatlab.data.corruptions import SIGNAL_CORRUPTIONS
 from qatlab.data.loader import ArrayDataset
 from qatlab.errors import ConfigError
+from qatlab.measure import accuracy as accuracy_module
+from qatlab.measure import bn as bn_module
+from qatlab.measure import crossbit as crossbit_module
+from qatlab.measure import ptq as ptq_module
 from qatlab.measure import robustness
+from qatlab.measure import talr as talr_measure
 from qatlab.measure.accuracy import evaluate
 from qatlab.measure.noise import quantization_noise
 from qatlab.measure.qgen import _bound_label
@@ -31,10 +38,12 @@ from qatlab.methods.saq import DEFAULT_BALL, DEFAULT_RHO, SAQ
 from qatlab.methods.talr import TALRHook
 from qatlab.quant.quantizer import Quantizer, mse_step
 from qatlab.quant.transitions import TransitionCounter
-from qatlab.quant.weights import keep_quantized_weights, perturbed_weights
+from qatlab.quant.weights import keep_quantized_weights, perturbed_weights, quantized_weights
 from qatlab.train.optim import LogAdam
 
 _ALL_SAME = dict(first_layer="same", last_layer="same", weights_only=True)
+# the module (``qatlab.measure.oscillation`` is also the name of the measure function there)
+osc_measure = importlib.import_module("qatlab.measure.oscillation")
 
 
 def _layer(weights: list[float], step: float = 1.0, bits: int = 4):
@@ -528,6 +537,10 @@ def test_oscillation_method_builders_pass_each_option_on():
     )
     assert build["freeze"](m, q4, 1000)[0].threshold_end == 0.01
     assert build["freeze"](m, None, 1000)[0].threshold_end == 0.01
+    five = qatlab.quantize(
+        nn.Sequential(nn.Linear(2, 1)), qatlab.QuantConfig(weight_bits=5, **_ALL_SAME)
+    )
+    assert build["freeze"](five, None, 1000)[0].layer_names == []  # max_bits 4
     # every option set
     assert _summary(build["track"](m, q3, 1000, momentum=0.5, threshold=0.2, log_every=7)) == (
         _summary([OscillationTracker(m, 0.5, 0.2, log_every=7)])
@@ -583,3 +596,162 @@ def test_oscreg_saq_and_talr_builders_pass_each_option_on():
         [TALRHook(m, 100, 0.5, 0.9, "step", True, 0.2, 0.3, True, (0.25, 0.5), 0.5, 9, "paper",
                   3.0, 0.7)]  # fmt: skip
     )
+
+
+# ----------------------------------------------------------------------------- measures' wiring
+def test_accuracy_measure_evaluates_test_and_val(monkeypatch):
+    calls = []
+
+    def fake(model, dataset, batch_size):
+        calls.append((dataset, batch_size))
+        return {"acc": len(dataset) / 10, "loss": float(len(dataset))}
+
+    monkeypatch.setattr(accuracy_module, "evaluate", fake)
+    ctx = SimpleNamespace(data=SimpleNamespace(test=[1, 2, 3], val=[1]), model=lambda: "m")
+    assert accuracy_module.accuracy(ctx) == {
+        "test_acc": 0.3, "test_loss": 3.0, "val_acc": 0.1, "val_loss": 1.0}  # fmt: skip
+    assert calls == [([1, 2, 3], 512), ([1], 512)]
+    ctx.data = SimpleNamespace(test=[1], val=[])  # an empty split is left out, so is a missing one
+    assert accuracy_module.accuracy(ctx, batch_size=7) == {"test_acc": 0.1, "test_loss": 1.0}
+    assert calls[-1] == ([1], 7)
+    ctx.data = SimpleNamespace(test=[1, 2])
+    assert list(accuracy_module.accuracy(ctx)) == ["test_acc", "test_loss"]
+
+
+def test_bn_reestimate_measure_wiring(monkeypatch):
+    import qatlab.data
+    import qatlab.quant
+
+    seen = {}
+    def loader(ds, bs, shuffle, seed):
+        return seen.setdefault("loader", (ds, bs, shuffle, seed))
+
+    monkeypatch.setattr(qatlab.data, "make_loader", loader)
+    monkeypatch.setattr(
+        qatlab.quant,
+        "reestimate_bn",
+        lambda model, loader, batches: seen.setdefault("bn", (model, loader, batches))
+        and {"a": {"mean": 0.1, "var": 0.4}, "b": {"mean": 0.3, "var": 0.2}},
+    )
+    monkeypatch.setattr(bn_module, "evaluate", lambda m, ds, bs: {"acc": 0.75, "bs": bs, "ds": ds})
+    ctx = SimpleNamespace(data=SimpleNamespace(train_eval="tr", test="te"), batch_size=32,
+                          model=lambda: "m")  # fmt: skip
+    out = bn_module.bn_reestimate(ctx)
+    assert out == {"acc_bn": 0.75, "bn_mean_err": pytest.approx(0.2),
+                   "bn_var_err": pytest.approx(0.3)}  # fmt: skip
+    assert seen == {"loader": ("tr", 32, True, 1), "bn": ("m", ("tr", 32, True, 1), 50)}
+    seen.clear()
+    bn_module.bn_reestimate(ctx, batches=3, seed=9)
+    assert seen["bn"][2] == 3 and seen["loader"][3] == 9
+
+
+def test_crossbit_measure_wiring(monkeypatch):
+    calls = []
+
+    def fake_cross_bit(model, metric, bits):
+        calls.append((model, bits, metric(SimpleNamespace(eval=lambda: "evald"))))
+        return {"W2": 0.5, "float": 0.9}
+
+    monkeypatch.setattr(crossbit_module, "cross_bit", fake_cross_bit)
+    monkeypatch.setattr(crossbit_module, "evaluate", lambda m, ds, bs: {"acc": (m, ds, bs)})
+    ctx = SimpleNamespace(data=SimpleNamespace(test="te"), model=lambda: "best",
+                          final_model=lambda: SimpleNamespace(eval=lambda: "last"))  # fmt: skip
+    assert crossbit_module.crossbit_measure(ctx) == {"xb_W2": 0.5, "xb_float": 0.9}
+    assert calls == [("best", [2, 3, 4, 8], ("evald", "te", 512))]
+    out = crossbit_module.crossbit_measure(ctx, bits=[4], final=True)
+    assert out == {"xb_W2": 0.5, "xb_float": 0.9, "xbf_W2": 0.5, "xbf_float": 0.9}
+    assert [c[:2] for c in calls[1:]] == [("best", [4]), ("last", [4])]
+    ctx.final_model = lambda: None
+    assert list(crossbit_module.crossbit_measure(ctx, final=True)) == ["xb_W2", "xb_float"]
+
+
+def test_ptq_measure_wiring(monkeypatch):
+    seen = []
+
+    def fake_sweep(model, data, bits, **kw):
+        seen.append((model, data, bits, kw))
+        return [{"bits": "float", "acc": 0.9, "method": "float"},
+                {"bits": "W4A4", "acc": 0.5, "method": "ptq"}]  # fmt: skip
+
+    monkeypatch.setattr(ptq_module, "ptq_sweep", fake_sweep)
+    ctx = SimpleNamespace(data="d", model=lambda: "m")
+    assert ptq_module.ptq_measure(ctx) == {"ptq_W4A4": 0.5}
+    assert seen[-1] == ("m", "d", [2, 3, 4, 8], dict(act_bits="same", calib_batches=4,
+                        bn_reestimate=False, quant_options=None))  # fmt: skip
+    ptq_module.ptq_measure(ctx, bits=[3], act_bits=8, bn_reestimate=True, calib_batches=2,
+                           quant={"grid": "full"})  # fmt: skip
+    assert seen[-1] == ("m", "d", [3], dict(act_bits=8, calib_batches=2, bn_reestimate=True,
+                        quant_options={"grid": "full"}))  # fmt: skip
+
+
+def test_oscillation_measure_on_stub_hooks():
+    class Tracker:
+        def __init__(self, f):
+            self.f = torch.tensor(f)
+
+        def frequencies(self):
+            return self.f
+
+    class Freezer(Tracker):
+        def __init__(self, f, share):
+            super().__init__(f)
+            self.share = share
+
+        def frozen_share(self):
+            return self.share
+
+    hooks = [Tracker([0.005, 0.02, 0.05]), Freezer([0.01, 0.2], 0.5), Freezer([], 0.25), object()]
+    ctx = SimpleNamespace(method_hooks=lambda: hooks)
+    out = osc_measure.oscillation(ctx)
+    assert out["osc_share"] == pytest.approx(0.6)  # 0.02, 0.05, 0.2 of 5 above 0.01 (not 0.01)
+    assert out["frozen_share"] == 0.375
+    hist = [0.0] * 25  # bins of 0.004 on [0, 0.1]; 0.2 is outside
+    hist[1] = hist[2] = hist[5] = hist[12] = 1.0
+    assert out["osc_hist"] == hist
+    out = osc_measure.oscillation(ctx, threshold=0.03, bins=2, hist_max=0.04)
+    assert out["osc_share"] == pytest.approx(0.4) and out["osc_hist"] == [2.0, 1.0]
+    assert osc_measure.oscillation(SimpleNamespace(method_hooks=lambda: [object()])) == {}
+    only = osc_measure.oscillation(SimpleNamespace(method_hooks=lambda: hooks[:1]))
+    assert only["frozen_share"] is None and only["osc_share"] == pytest.approx(2 / 3)
+
+
+def test_logged_measure_on_records():
+    records = [
+        {"step": 1, "tr": 0.5},
+        {"step": 2, "tr": 0.25},
+        {"epoch": 1, "train_loss": 2.0, "val_acc": 0.5},
+        {"epoch": 2, "train_loss": 1.0, "val_acc": 0.7, "tr": 0.9},
+    ]
+    ctx = SimpleNamespace(logged_records=lambda: records)
+    assert osc_measure.logged(ctx) == {"logged_tr_last": 0.25}
+    out = osc_measure.logged(ctx, key=["tr", "val_acc"], reduce=["max", "tail"], tail=0.5)
+    assert out == {"logged_tr_max": 0.5, "logged_tr_tail50": 0.25,
+                   "logged_val_acc_max": 0.7, "logged_val_acc_tail50": 0.7}  # fmt: skip
+    assert osc_measure.logged(ctx, reduce="first", series_kind="epoch") == {"logged_tr_first": 0.9}
+
+
+def test_talr_tracking_measure_wiring(monkeypatch):
+    seen = []
+    monkeypatch.setattr(talr_measure, "tracking_stats", lambda *a: seen.append(a) or {})
+    cfg = SimpleNamespace(
+        method=SimpleNamespace(options={"u0": 0.3}), train=SimpleNamespace(lr=0.1)
+    )
+    ctx = SimpleNamespace(logged_records=lambda: ["r"], cfg=cfg)
+    talr_measure.talr_tracking(ctx)
+    talr_measure.talr_tracking(ctx, skip=0.5, u0=0.7)
+    assert seen == [(["r"], 0.2, 0.3), (["r"], 0.5, 0.7)]
+    with pytest.raises(ConfigError):
+        talr_measure.talr_tracking(ctx, skip=1.0)
+
+
+def test_quantized_weights_of_enabled_and_disabled_quantizers():
+    model = _fixed(
+        nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)),
+        {0: [[0.4, -1.6], [2.2, 0.0]], 1: [[0.6, 1.4]]},
+    )
+    model[1].weight_quantizer.enabled = False
+    out = quantized_weights(model)
+    assert list(out) == ["0", "1"]
+    assert out["0"].tolist() == [[0.0, -2.0], [2.0, 0.0]]  # round(w / 1)
+    assert out["1"].tolist() == [pytest.approx([0.6, 1.4])]  # the latent weight, a copy
+    assert out["1"] is not model[1].weight and not out["1"].requires_grad
