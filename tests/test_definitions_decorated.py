@@ -603,17 +603,17 @@ def test_accuracy_measure_evaluates_test_and_val(monkeypatch):
     calls = []
 
     def fake(model, dataset, batch_size):
-        calls.append((dataset, batch_size))
+        calls.append((model, dataset, batch_size))
         return {"acc": len(dataset) / 10, "loss": float(len(dataset))}
 
     monkeypatch.setattr(accuracy_module, "evaluate", fake)
     ctx = SimpleNamespace(data=SimpleNamespace(test=[1, 2, 3], val=[1]), model=lambda: "m")
     assert accuracy_module.accuracy(ctx) == {
         "test_acc": 0.3, "test_loss": 3.0, "val_acc": 0.1, "val_loss": 1.0}  # fmt: skip
-    assert calls == [([1, 2, 3], 512), ([1], 512)]
+    assert calls == [("m", [1, 2, 3], 512), ("m", [1], 512)]
     ctx.data = SimpleNamespace(test=[1], val=[])  # an empty split is left out, so is a missing one
     assert accuracy_module.accuracy(ctx, batch_size=7) == {"test_acc": 0.1, "test_loss": 1.0}
-    assert calls[-1] == ([1], 7)
+    assert calls[-1] == ("m", [1], 7)
     ctx.data = SimpleNamespace(test=[1, 2])
     assert list(accuracy_module.accuracy(ctx)) == ["test_acc", "test_loss"]
 
@@ -633,11 +633,11 @@ def test_bn_reestimate_measure_wiring(monkeypatch):
         lambda model, loader, batches: seen.setdefault("bn", (model, loader, batches))
         and {"a": {"mean": 0.1, "var": 0.4}, "b": {"mean": 0.3, "var": 0.2}},
     )
-    monkeypatch.setattr(bn_module, "evaluate", lambda m, ds, bs: {"acc": 0.75, "bs": bs, "ds": ds})
+    monkeypatch.setattr(bn_module, "evaluate", lambda m, ds, bs: {"acc": (m, ds, bs)})
     ctx = SimpleNamespace(data=SimpleNamespace(train_eval="tr", test="te"), batch_size=32,
                           model=lambda: "m")  # fmt: skip
     out = bn_module.bn_reestimate(ctx)
-    assert out == {"acc_bn": 0.75, "bn_mean_err": pytest.approx(0.2),
+    assert out == {"acc_bn": ("m", "te", 512), "bn_mean_err": pytest.approx(0.2),
                    "bn_var_err": pytest.approx(0.3)}  # fmt: skip
     assert seen == {"loader": ("tr", 32, True, 1), "bn": ("m", ("tr", 32, True, 1), 50)}
     seen.clear()
