@@ -728,6 +728,11 @@ def test_logged_measure_on_records():
     assert out == {"logged_tr_max": 0.5, "logged_tr_tail50": 0.25,
                    "logged_val_acc_max": 0.7, "logged_val_acc_tail50": 0.7}  # fmt: skip
     assert osc_measure.logged(ctx, reduce="first", series_kind="epoch") == {"logged_tr_first": 0.9}
+    with pytest.raises(ConfigError):
+        osc_measure.logged(ctx, series_kind="steps")
+    five = [{"step": i, "tr": v} for i, v in enumerate([0.5, 0.25, 1.0, 0.75, 0.0])]
+    out = osc_measure.logged(SimpleNamespace(logged_records=lambda: five), reduce="tail", tail=0.6)
+    assert out == {"logged_tr_tail60": pytest.approx(0.5833333333333334)}  # the last 3 of 5
 
 
 def test_talr_tracking_measure_wiring(monkeypatch):
@@ -740,8 +745,9 @@ def test_talr_tracking_measure_wiring(monkeypatch):
     talr_measure.talr_tracking(ctx)
     talr_measure.talr_tracking(ctx, skip=0.5, u0=0.7)
     assert seen == [(["r"], 0.2, 0.3), (["r"], 0.5, 0.7)]
-    with pytest.raises(ConfigError):
-        talr_measure.talr_tracking(ctx, skip=1.0)
+    for bad in (dict(skip=1.0), dict(u0=-1.0)):
+        with pytest.raises(ConfigError):
+            talr_measure.talr_tracking(ctx, **bad)
 
 
 def test_quantized_weights_of_enabled_and_disabled_quantizers():

@@ -56,7 +56,9 @@ def test_dataset_tensors_all_or_a_seeded_sorted_subset():
         torch.randperm(5, generator=torch.Generator().manual_seed(0))[:3].sort().values.tolist()
     )
 
-    class Pairs(torch.utils.data.Dataset):  # no x/y attributes: read through a loader
+    class Pairs(torch.utils.data.Dataset):  # no x and y attributes: read through a loader
+        x = "not the samples"
+
         def __len__(self):
             return 3
 
@@ -116,7 +118,7 @@ def test_noise_measure(monkeypatch):
     }
     monkeypatch.setattr(qatlab.measure.noise, "quantization_noise", lambda m: rows[m])
     monkeypatch.setattr(
-        qatlab.measure.noise, "plot_step_sizes", lambda by, path: calls.append((list(by), path))
+        qatlab.measure.noise, "plot_step_sizes", lambda by, path: calls.append((dict(by), path))
     )
     monkeypatch.setattr(qatlab.measure.crossbit, "ptq_config", lambda b: f"cfg{b}")
     monkeypatch.setattr(qatlab.quant, "is_quantized", lambda m: m == "model")
@@ -141,7 +143,10 @@ def test_noise_measure(monkeypatch):
     assert calls == [
         ("ptq", "float(model)", "cfg2", []),
         ("ptq", "float(model)", "cfg3", []),
-        (["as trained (W8/4)", "W2", "W3"], Path("/nowhere/noise_steps.png")),
+        (
+            {"as trained (W8/4)": rows["model"], "W2": rows["ptq2"], "W3": rows["ptq3"]},
+            Path("/nowhere/noise_steps.png"),
+        ),
     ]
     calls.clear()
     rows["float"] = []
@@ -153,7 +158,7 @@ def test_noise_measure(monkeypatch):
     assert qgen.noise(_ctx(model=lambda: "empty"), bits=[]) == {}
     assert calls == []  # nothing to plot
     qgen.noise(_ctx(model=lambda: "empty"), bits=[2])
-    assert calls[-1] == (["W2"], Path("/nowhere/noise_steps.png"))
+    assert calls[-1] == ({"W2": rows["ptq2"]}, Path("/nowhere/noise_steps.png"))
     assert qgen.noise(_ctx(model=lambda: "model"), bits=[])["noise_step"] == 0.375
 
 
@@ -246,6 +251,9 @@ def test_bounds_measure_reuses_or_searches(monkeypatch):
     starts = []
 
     class Net:
+        def __str__(self):
+            return "net"
+
         def load_state_dict(self, state):
             starts.append(state)
 
@@ -256,7 +264,7 @@ def test_bounds_measure_reuses_or_searches(monkeypatch):
     assert out == {"pacbayes_x": 1.5} and starts == [init]
     (call,) = s.calls
     assert call[0] == "bounds" and call[3] == 50 and call[4] == found
-    assert call[2].startswith("weights(") and call[2].endswith(",q)")  # the step-0 weights
+    assert call[1] == call[2] == "weights(net,q)"  # trained and step-0 weights
     s.calls.clear()
     out = qgen.bounds(_ctx(results={"sigma": 1.0}), subset=16, perturb="latent", eps=0.2)
     assert s.calls.pop(0) == ("subset", "tr", 16, 7)
@@ -275,6 +283,11 @@ def test_bounds_measure_reuses_or_searches(monkeypatch):
     s.calls.clear()
     qgen.bounds(_ctx(results={"sigma": 1.0, "sigma_mag": 1.0}))
     assert [c[0] for c in s.calls] == ["bounds"]
+    s.calls.clear()
+    found = {"sigma": 1.0, "sigma_mag": 1.0}
+    qgen.bounds(_ctx(results=found), subset=8, perturb="float", eps=0.3, sharpness=True)
+    assert s.calls[0] == ("subset", "tr", 8, 7)
+    assert s.calls[1][4] == _sigma_opts(perturb="float", eps=0.3)
 
 
 # ----------------------------------------------------------------------------- landscape
@@ -284,9 +297,9 @@ def test_landscape_measure(monkeypatch):
     def fake(model, x, y, **kw):
         seen.append((model, x, y, kw))
         if kw["points"] == 51:
-            return {"loss": [0.0] * 50 + [5.1], "coords": [], "acc": []}
+            return {"loss": [i / 10 for i in range(51)], "coords": [], "acc": []}
         if kw["dims"] == 1:
-            return {"loss": [3.0, 1.0, 2.0], "coords": torch.tensor([-1.0, 0.0, 1.0]),
+            return {"loss": [0.3, 0.1, 0.2], "coords": torch.tensor([-1.0, 0.0, 1.0]),
                     "acc": (0.5, 0.75, 0.5)}  # fmt: skip
         return {"loss": [[1.0, 2.0, 3.0], [4.0, 0.5, 6.0], [7.0, 8.0, 9.0]], "coords": [],
                 "acc": []}  # fmt: skip
@@ -302,8 +315,9 @@ def test_landscape_measure(monkeypatch):
     )
     out = qgen.landscape(_ctx(), subset=5, points=3)
     assert seen.pop(0) == ("subset", "tr", 5, 7)
-    assert out == {"land_loss0": 1.0, "land_rise": 1.0, "land_coords": [-1.0, 0.0, 1.0],
-                   "land_loss": [3.0, 1.0, 2.0], "land_acc": [0.5, 0.75, 0.5]}  # fmt: skip
+    assert out.pop("land_rise") == pytest.approx(0.1, rel=1e-12)  # in float64
+    assert out == {"land_loss0": 0.1, "land_coords": [-1.0, 0.0, 1.0],
+                   "land_loss": [0.3, 0.1, 0.2], "land_acc": [0.5, 0.75, 0.5]}  # fmt: skip
     assert seen == [
         ("model", "X", "Y", dict(dims=1, points=3, span=1.0, seed=7, perturb="q")),
         (["trained"], Path("/nowhere/landscape.png")),
@@ -324,7 +338,7 @@ def test_landscape_measure(monkeypatch):
         (["trained"], Path("/nowhere/landscape.png")),
     ]
     assert seen[0] == ("subset", "tr", 2048, 7)
-    assert out["land_loss0"] == 0.0 and out["land_rise"] == pytest.approx(0.1)
+    assert out["land_loss0"] == 2.5 and out["land_rise"] == pytest.approx(0.0, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- corruptions
@@ -337,11 +351,14 @@ def test_corruptions_measure(monkeypatch):
         assert xs is x and ys is y
         return {"clean_acc": torch.tensor(0.5), "corr_mean": 0.25, "corr_a": 1}
 
-    monkeypatch.setattr(qgen, "dataset_tensors", lambda ds, n, seed: (x, y) if (ds, seed) == (
-        "te", 7) and n in (None, 2) else None)  # fmt: skip
+    def tensors(ds, n, seed):
+        seen.append(("tensors", ds, n, seed))
+        return x, y
+
+    monkeypatch.setattr(qgen, "dataset_tensors", tensors)
     monkeypatch.setattr(qatlab.measure.robustness, "corruption_accuracy", fake)
     monkeypatch.setattr(qatlab.data.corruptions, "dataset_pixel_range", lambda name: f"px({name})")
-    monkeypatch.setattr(qatlab.measure.ptq, "calib_loader", lambda data, bs: ("calib", bs))
+    monkeypatch.setattr(qatlab.measure.ptq, "calib_loader", lambda data, bs: ("calib", data, bs))
     monkeypatch.setattr(qatlab.quant, "is_quantized", lambda m: m == "model")
     monkeypatch.setattr(qatlab.quant, "dequantize", lambda m: f"float({m})")
 
@@ -362,19 +379,21 @@ def test_corruptions_measure(monkeypatch):
     assert type(out["corr_a"]) is float
     base = dict(names=None, severities=(1, 2, 3, 4, 5), seed=7, batch_size=512,
                 pixel_range="px(mnist1d)")  # fmt: skip
-    assert seen == [("model", base)]
+    assert seen == [("tensors", "te", None, 7), ("model", base)]
     seen.clear()
     out = qgen.corruptions(_ctx(), names=("fog",), severities=[2], batch_size=8, subset=2,
                            ptq_bits=[4, 3], calib_batches=2)  # fmt: skip
     kw = dict(base, names=["fog"], severities=(2,), batch_size=8)
+    calib = ("calib", _ctx().data, 512)
     assert seen == [
+        ("tensors", "te", 2, 7),
         ("model", kw),
-        ("ptq", "float(model)", "W4A4", ("calib", 512), 2),
+        ("ptq", "float(model)", "W4A4", calib, 2),
         ("q4", kw),
-        ("ptq", "float(model)", "W3A3", ("calib", 512), 2),
+        ("ptq", "float(model)", "W3A3", calib, 2),
         ("q3", kw),
     ]
     assert out["ptqclean_W4A4"] == 0.5 and out["ptqcorr_W3A3"] == 0.25
     seen.clear()
     qgen.corruptions(_ctx(model=lambda: "net"), ptq_bits=[2])
-    assert seen[1] == ("ptq", "net", "W2A2", ("calib", 512), 4)  # a float model as it is
+    assert seen[2] == ("ptq", "net", "W2A2", calib, 4)  # a float model as it is
