@@ -124,10 +124,17 @@ def _function_trampoline_arrangement(
     return declarations, [trampoline, *copies], assignments, names
 
 
+#: (owner, attribute, replacement): what :func:`patch` sets.
+PATCHES = (
+    (fm.MutationVisitor, "_skip_node_and_children", _skip_node_and_children),
+    (fm, "function_trampoline_arrangement", _function_trampoline_arrangement),
+)
+
+
 def patch() -> None:
     """Make mutmut (in this process and the ones it forks) mutate decorated functions."""
-    fm.MutationVisitor._skip_node_and_children = _skip_node_and_children
-    fm.function_trampoline_arrangement = _function_trampoline_arrangement
+    for owner, name, replacement in PATCHES:
+        setattr(owner, name, replacement)
 
 
 def main() -> None:
