@@ -30,18 +30,19 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check qatlab tests benchmarks
+	$(BIN)/ruff check qatlab tests benchmarks tools
 
 bench: $(DEMO_STAMP)
 	$(BIN)/python benchmarks/step_overhead.py
 
 # mutation testing of the formula modules ([tool.mutmut] in pyproject.toml) against their fast
-# tests; not part of `make test`. mutmut works in ./mutants/ and reuses its results there
-# (rm -rf mutants for a fresh run); `$(BIN)/mutmut show <name>` prints a mutant's diff.
-# docs/results/mutation.md
+# tests; not part of `make test`. tools/mutants.py is mutmut with decorated functions mutated
+# too (@torch.no_grad(), @contextmanager, @property, the registries). mutmut works in ./mutants/
+# and reuses its results there (rm -rf mutants for a fresh run); `$(BIN)/python tools/mutants.py
+# show <name>` prints a mutant's diff. docs/results/mutation.md
 mutants: $(TEST_STAMP)
-	OMP_NUM_THREADS=1 nice -n 5 $(BIN)/mutmut run --max-children 2
-	$(BIN)/mutmut results
+	OMP_NUM_THREADS=1 nice -n 5 $(BIN)/python tools/mutants.py run --max-children 2
+	$(BIN)/python tools/mutants.py results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache mutants

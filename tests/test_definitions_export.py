@@ -172,3 +172,16 @@ def test_integer_export_refusals(tmp_path):
     assert "\n" not in str(refused.value)  # one line, not torch's page of advice
     assert manifest_path("a/b.int.pt") == manifest_path("a/b.int.json")
     assert str(manifest_path("a/b.int.pt")) == "a/b.int.json"
+
+
+def test_load_integer_names_an_exception_without_a_message(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"")
+    path.with_suffix(".json").write_text("{}")
+
+    def silent(*args, **kwargs):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(torch, "load", silent)
+    with pytest.raises(CheckpointError, match=r"cannot read integer export .*m\.pt: RuntimeError$"):
+        load_integer(path)
