@@ -150,17 +150,18 @@ def variants(numel: int, cpp) -> dict:
 
     out = {"aten": qat("0"), "fused": qat("1")}
     if cpp is not None:
-        inv = 1.0 / float(step)
+        s = float(step.detach())
+        inv = 1.0 / s
 
         def cpp_forward():
-            cpp.fq_forward(x, inv, float(step), 0.0, 15.0)
+            cpp.fq_forward(x, inv, s, 0.0, 15.0)
 
         def cpp_forward_backward():
-            cpp.fq_forward(x, inv, float(step), 0.0, 15.0)
-            cpp.fq_backward(g, x, inv, 0.0, 15.0, -0.5 * float(step), 15.5 * float(step))
+            cpp.fq_forward(x, inv, s, 0.0, 15.0)
+            cpp.fq_backward(g, x, inv, 0.0, 15.0, -0.5 * s, 15.5 * s)
 
-        want = torch.mul(x, inv).round_().clamp_(0.0, 15.0).mul_(float(step))
-        assert torch.equal(cpp.fq_forward(x, inv, float(step), 0.0, 15.0), want)
+        want = torch.mul(x, inv).round_().clamp_(0.0, 15.0).mul_(s)
+        assert torch.equal(cpp.fq_forward(x, inv, s, 0.0, 15.0), want)
         out["cpp"] = (cpp_forward, cpp_forward_backward)
     return out
 
