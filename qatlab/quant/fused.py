@@ -56,7 +56,7 @@ def _backward(grad: Tensor, x: Tensor, consts: Tensor) -> tuple[Tensor, Tensor, 
 
 def enabled() -> bool:
     """Whether large per-tensor CPU calls use the fused kernels (``QATLAB_FUSED_KERNELS``)."""
-    return not _broken and os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
+    return not _broken and os.environ.get(ENV) not in ("0", "false", "no", "off")
 
 
 def applies(x: Tensor) -> bool:
@@ -100,7 +100,7 @@ def _run(name: str, *args: Tensor):
     except Exception as error:  # noqa: BLE001 - any inductor failure means: fall back
         _broken = True
         lines = str(error).strip().splitlines()
-        first_line = lines[0] if lines else type(error).__name__
+        first_line = lines[0].strip() if lines else type(error).__name__
         warnings.warn(
             f"qatlab: fused fake-quant kernels unavailable ({first_line[:200]}); using ATen "
             f"ops (slower). Set {ENV}=0 to silence.",

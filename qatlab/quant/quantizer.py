@@ -79,10 +79,7 @@ class _FakeQuant(torch.autograd.Function):
                 ctx.save_for_backward(x, step, None)
                 return out
             ctx.consts = None
-            # x * fl32(1/s) and * s in float32, as with a 0-dim float tensor (bitwise equal:
-            # 1/s rounded to double, then to float32, is 1/s rounded to float32)
-            out = torch.mul(x, 1.0 / s if s != 0 else math.copysign(math.inf, s))
-            out.round_().clamp_(float(n), float(p)).mul_(s)
+            out = _per_tensor_quantize(x, s, n, p)
             ctx.save_for_backward(x, step, out)
             return out
         ctx.s = None
@@ -109,8 +106,7 @@ class _FakeQuant(torch.autograd.Function):
                 grad_step = levels_sum.mul_(s).sub_(inner).mul_(ctx.grad_scale / s)
                 return (grad_x if ctx.needs_input_grad[0] else None), grad_step, *tail
             if out is None and step_grad:  # fused forward, but no fused backward: <g, s levels>
-                out = torch.mul(x, 1.0 / s if s != 0 else math.copysign(math.inf, s))
-                out.round_().clamp_(float(n), float(p)).mul_(s)
+                out = _per_tensor_quantize(x, s, n, p)
             # <g, out> first: the next layer's backward has just read ``out`` and written ``g``
             outer = torch.dot(grad.reshape(-1), out.reshape(-1)) if step_grad else None
             grad_x = torch.ops.aten.hardtanh_backward(grad, x, (n - 0.5) * s, (p + 0.5) * s)
@@ -140,6 +136,15 @@ class _FakeQuant(torch.autograd.Function):
             if floor is not None:  # as clamp_min's backward: no gradient below the floor
                 grad_step = torch.where(step >= floor, grad_step, 0.0)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_step, *tail
+
+
+def _per_tensor_quantize(x: Tensor, s: float, n: int, p: int) -> Tensor:
+    """``s * clamp(round(x * (1/s)), n, p)`` in four in-place float32 passes over a new tensor.
+
+    ``x * fl32(1/s)`` and ``* s`` as with a 0-dim float tensor (bitwise equal: 1/s rounded to
+    double, then to float32, is 1/s rounded to float32); ``s = 0`` gives ``1/s = +-inf``."""
+    out = torch.mul(x, 1.0 / s if s != 0 else math.copysign(math.inf, s))
+    return out.round_().clamp_(float(n), float(p)).mul_(s)
 
 
 def _cpu_step(step: Tensor, floor: float | None) -> tuple[float, bool]:
