@@ -16,7 +16,14 @@ input, 4-bit unsigned grid, a learned per-tensor step), interleaved:
   fused kernel without ``torch.compile``'s per-call overhead would gain; building it takes
   ~20 s and needs ninja and a C++ compiler.
 
-Run: ``python benchmarks/fused_kernels.py --threads 2 --cpp --json out.json``.
+With ``--models resnet20,...`` it also times whole training steps (as ``model_overhead.py``,
+interleaved): ``float``, ``qatlab`` (the library: fused kernels from ``MIN_NUMEL``),
+``qatlab-aten`` and, with ``--cpp``, ``qatlab-cpp`` (the prototype behind every per-tensor CPU
+call, through the same autograd Function): whether a kernel that wins cache-warm per op also
+wins inside a network, where its input is cold.
+
+Run: ``python benchmarks/fused_kernels.py --threads 2 --cpp --json out.json``
+(``--models resnet20,mobilenetv2,reference --steps 20`` for the model-level A/B).
 """
 
 from __future__ import annotations
@@ -166,6 +173,78 @@ def variants(numel: int, cpp) -> dict:
     return out
 
 
+class KernelChoice:
+    """Within a with block: the library as is (``qatlab``), the ATen passes (``qatlab-aten``)
+    or the C++ prototype behind ``fused._kernel`` at every size (``qatlab-cpp``)."""
+
+    def __init__(self, kind: str, cpp) -> None:
+        self.kind, self.cpp = kind, cpp
+
+    def _cpp_kernel(self, name: str):
+        cpp = self.cpp
+        if name == "forward":
+            return lambda x, c: cpp.fq_forward(x, *c[:4].tolist())
+
+        def backward(g, x, c):
+            inv, _, n, p, lo, hi = c.tolist()
+            grad_x, levels_sum, inner = cpp.fq_backward(g.contiguous(), x, inv, n, p, lo, hi)
+            return grad_x, levels_sum.float(), inner.float()
+
+        return backward
+
+    def __enter__(self) -> None:
+        self.saved = fused._kernel, fused.MIN_NUMEL, os.environ.get(fused.ENV)
+        if self.kind == "qatlab-aten":
+            os.environ[fused.ENV] = "0"
+        elif self.kind == "qatlab-cpp":
+            fused._kernel, fused.MIN_NUMEL = self._cpp_kernel, 1
+            os.environ[fused.ENV] = "1"
+
+    def __exit__(self, *exc) -> None:
+        fused._kernel, fused.MIN_NUMEL, env = self.saved
+        if env is None:
+            os.environ.pop(fused.ENV, None)
+        else:
+            os.environ[fused.ENV] = env
+
+
+def model_rows(names: list[str], cpp, args) -> list[dict]:
+    """Training-step times per net and kernel choice, interleaved; printed as a table."""
+    from common import data, interleaved, sgd, sgd_step, summarize
+    from model_overhead import build_model
+
+    device = torch.device("cpu")
+    kinds = ["float", "qatlab", "qatlab-aten"] + (["qatlab-cpp"] if cpp is not None else [])
+    rows = []
+    print("\n| net | " + " | ".join(kinds) + " |")
+    print("|---|" + "---:|" * len(kinds))
+    for name in names:
+        torch.manual_seed(0)
+        x, y = data(args.batch, device)
+        nets = {}
+        for kind in kinds:
+            model = build_model(name, "float" if kind == "float" else "qatlab", x)
+            nets[kind] = (model, sgd(model))
+
+        def stepper(kind, net, opt, x=x, y=y):
+            def step(i: int) -> None:
+                with KernelChoice(kind, cpp):
+                    sgd_step(net, opt, x, y)
+
+            return step
+
+        steps = {k: stepper(k, *nets[k]) for k in kinds}
+        times, _ = interleaved(steps, args.steps, 3, device)
+        summary = summarize(times, "float")
+        cells = []
+        for kind in kinds:
+            r = summary[kind]
+            rows.append({"net": name, "kernel": kind, **r})
+            cells.append(f"{r['median_ms']:.1f} ms ({r['ratio']:.3f}x)")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -173,6 +252,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cpp", action="store_true", help="also the C++ extension prototype")
+    parser.add_argument("--models", default="", help="also time training steps of these nets")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per net and kernel")
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -180,6 +262,7 @@ def main() -> None:
     wall0 = time.perf_counter()
     info = machine_info(torch.device("cpu"))
     print(header(info), end="")
+    library_bar = fused.MIN_NUMEL
     fused.MIN_NUMEL = 1  # force the fused path at every size (the library's bar is 2^20)
     cpp, build_s = None, None
     if args.cpp:
@@ -216,10 +299,13 @@ def main() -> None:
                 f"{r['median_us']:.0f}" for r in rows if r["numel"] == numel and r["what"] == what
             ]
             print(f"| {numel:,} | {what} (us) | " + " | ".join(cells) + " |")
+    fused.MIN_NUMEL = library_bar  # the library as it is for the model-level A/B
+    models = model_rows(args.models.split(","), cpp, args) if args.models else []
     finish(info, wall0)
     if args.json:
+        result = {"info": info, "cpp_build_s": build_s, "rows": rows, "models": models}
         with open(args.json, "w") as f:
-            json.dump({"info": info, "cpp_build_s": build_s, "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
