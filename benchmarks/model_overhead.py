@@ -52,12 +52,44 @@ from torch import Tensor, nn
 
 import qatlab
 from qatlab import models
-from qatlab.quant import fused
+from qatlab.quant import fused, quantizer
 
 MODELS = ("reference", "resnet20", "mobilenetv2")
 KINDS = ("float", "qatlab", "ao-qat", "ao-lsq")
 # also: "qatlab-aten", the same qatlab model stepped with QATLAB_FUSED_KERNELS=0 (the ATen passes
-# in place of the fused one-pass kernels of qatlab/quant/fused.py): an A/B of the kernels
+# in place of the fused one-pass kernels of qatlab/quant/fused.py): an A/B of the kernels; and
+# three that take qatlab's overhead apart: "qatlab-off" (quantizers disabled: the wrappers
+# alone), "qatlab-wonly" (weights quantized, activations float: act_bits=None) and
+# "qatlab-identity" (every fake_quantize call replaced by an autograd Function that returns a
+# copy of its input: the cost of a Function per call and one pass, without the quantizer's math)
+DECOMPOSITION = ("qatlab-off", "qatlab-wonly", "qatlab-identity")
+
+
+class _Copy(torch.autograd.Function):
+    """``x.clone()`` with the identity gradient and none for the step: a stand-in quantizer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, n: int, p: int, grad_scale: float, floor):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None, None, None, None
+
+
+def _copy_quantize(x, step, n, p, grad_scale=1.0, floor=None) -> Tensor:
+    return _Copy.apply(x, step, n, p, grad_scale, floor)
+
+
+class _IdentityQuantizers:
+    """``qatlab.quant.quantizer.fake_quantize`` swapped for :func:`_copy_quantize` in a block."""
+
+    def __enter__(self) -> None:
+        self.saved = quantizer.fake_quantize
+        quantizer.fake_quantize = _copy_quantize
+
+    def __exit__(self, *exc) -> None:
+        quantizer.fake_quantize = self.saved
 
 
 class _AtenPasses:
@@ -75,9 +107,13 @@ class _AtenPasses:
 
 
 def step_fn(kind: str, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
-    """One SGD step of variant ``kind`` (``qatlab-aten``: with the fused kernels off)."""
+    """One SGD step of variant ``kind`` (``qatlab-aten``: with the fused kernels off;
+    ``qatlab-identity``: with copies in place of the quantizers)."""
     if kind == "qatlab-aten":
         with _AtenPasses():
+            return sgd_step(model, opt, x, y)
+    if kind == "qatlab-identity":
+        with _IdentityQuantizers():
             return sgd_step(model, opt, x, y)
     return sgd_step(model, opt, x, y)
 
@@ -136,13 +172,18 @@ def build_model(name: str, kind: str, x: Tensor) -> nn.Module:
     """A fresh ``kind`` model of net ``name`` in training mode (same seed, same float weights)."""
     if kind == "float":
         return float_net(name).to(x.device).train()
-    if kind in ("qatlab", "qatlab-aten"):
+    if kind in ("qatlab", "qatlab-aten", *DECOMPOSITION):
+        act_bits = None if kind == "qatlab-wonly" else 4
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = qatlab.quantize(
-                float_net(name).to(x.device), qatlab.QuantConfig(weight_bits=4, act_bits=4)
+                float_net(name).to(x.device), qatlab.QuantConfig(weight_bits=4, act_bits=act_bits)
             )
         qatlab.calibrate(model, [x])
+        if kind == "qatlab-off":
+            for module in model.modules():
+                if isinstance(module, quantizer.Quantizer):
+                    module.enabled = False
         return model.train()
     if kind in ("ao-qat", "ao-lsq"):
         return ao_model(name, kind, x).train()
