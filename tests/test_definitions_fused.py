@@ -1,20 +1,21 @@
-"""qatlab/quant/fused.py's definitions on hand-made input, without compiling anything.
+"""qatlab/quant/fused.py's Python side on hand-made input, without building anything.
 
-The kernels' formulas run eagerly here (``_kernel`` patched to return the plain functions), so
-these tests are fast and mutmut can run them (``make mutants``; a mutated function cannot be
-traced by ``torch.compile`` with ``fullgraph``). ``tests/test_fused.py`` checks the compiled
-kernels against the ATen passes.
+Which calls take the C++ kernels, how they are built and how a failed build falls back, with
+``_build`` stubbed: fast, so mutmut can run them (``make mutants``). ``tests/test_fused.py``
+builds the real kernels and checks them against the ATen passes.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import warnings
 
 import pytest
 import torch
 
 from qatlab.quant import fused
-from qatlab.quant.quantizer import _FakeQuant, fake_quantize
+from qatlab.quant.quantizer import _FakeQuant, _per_tensor_quantize, fake_quantize
 
 # s = 0.5 on the signed 2-bit grid [-2, 1]: levels round(2x) clamped, in range (-1.25, 0.75)
 X = torch.tensor([-2.0, -1.3, -0.76, -0.25, 0.0, 0.24, 0.26, 0.74, 0.76, 3.0])
@@ -24,194 +25,139 @@ G = torch.arange(1.0, 11.0)
 
 
 @pytest.fixture
-def eager_kernels(monkeypatch):
-    """``_kernel`` returns the plain functions; every call recorded; the bar at 4 elements."""
-    calls: list[str] = []
+def stub_kernels(monkeypatch):
+    """A stub extension that records its calls and answers with the ATen kernel."""
+    calls: list[tuple] = []
 
-    def kernel(name):
-        calls.append(name)
-        return fused._forward if name == "forward" else fused._backward
+    def quantize(x, step, n, p, grad_scale, floor):
+        calls.append((x, step, n, p, grad_scale, floor))
+        floor = None if math.isnan(floor) else floor
+        if floor is None:
+            return _FakeQuant.apply(x, step, n, p, grad_scale)
+        return _FakeQuant.apply(x, step, n, p, grad_scale, floor)
 
-    monkeypatch.setattr(fused, "_kernel", kernel)
-    monkeypatch.setattr(fused, "MIN_NUMEL", 4)
+    module = types.SimpleNamespace(fake_quantize=quantize)
+    monkeypatch.setattr(fused, "_module", module)
     monkeypatch.setattr(fused, "_broken", False)
     monkeypatch.delenv(fused.ENV, raising=False)
     return calls
 
 
-def test_constants_by_hand():
-    assert fused.constants(0.5, -2, 1).tolist() == [2.0, 0.5, -2.0, 1.0, -1.25, 0.75]
-    assert fused.constants(0.25, 0, 15).tolist() == [4.0, 0.25, 0.0, 15.0, -0.125, 3.875]
-    c = fused.constants(0.1, -8, 7)  # each value rounded from double to float32
-    want = [10.0, 0.1, -8.0, 7.0, -0.85, 0.75]
-    assert c.tolist() == [float(torch.tensor(v, dtype=torch.float32)) for v in want]
-    assert c.dtype == torch.float32 and c.shape == (6,)
-    assert fused.constants(0.0, 0, 3)[0] == math.inf
-    assert fused.constants(-0.0, 0, 3)[0] == -math.inf
-
-
-def test_forward_and_backward_formulas_by_hand():
-    c = fused.constants(0.5, -2, 1)
-    assert torch.equal(fused._forward(X, c), LEVELS * 0.5)
-    grad_x, levels_sum, inner = fused._backward(G, X, c)
-    assert torch.equal(grad_x, G * INSIDE)  # in range: -1.25 < x < 0.75, both ends open
-    assert float(levels_sum) == float((G * LEVELS).sum()) == 22.0  # -2-4-6 +7+8+9+10
-    assert float(inner) == pytest.approx(float((G * INSIDE * X).sum()))
-    # by hand: 3*(-0.76) + 4*(-0.25) + 5*0 + 6*0.24 + 7*0.26 + 8*0.74 = 5.90
-    assert float(inner) == pytest.approx(5.90, abs=1e-5)
-    edges = torch.tensor([-1.25, 0.75])  # exactly on the bounds: outside
-    assert fused._backward(torch.ones(2), edges, c)[0].tolist() == [0.0, 0.0]
-
-
 def test_applies_condition_by_condition(monkeypatch):
-    monkeypatch.setattr(fused, "MIN_NUMEL", 8)
     monkeypatch.setattr(fused, "_broken", False)
     monkeypatch.delenv(fused.ENV, raising=False)
-    assert fused.applies(torch.zeros(8)) and fused.applies(torch.nn.Parameter(torch.zeros(8)))
-    assert not fused.applies(torch.zeros(7))
-    assert not fused.applies(torch.zeros(8, dtype=torch.float64))
-    assert not fused.applies(torch.zeros(16)[::2])
+    s = torch.tensor(0.1)
+    assert fused.applies(torch.zeros(8), s) and fused.applies(torch.nn.Parameter(torch.zeros(8)), s)
+    assert fused.applies(torch.zeros(2, 4), torch.tensor(0.1, requires_grad=True))
+    assert fused.applies(torch.zeros(1), s) and fused.applies(torch.zeros(0), s)
+    assert not fused.applies(torch.zeros(8, dtype=torch.float64), s)
+    assert not fused.applies(torch.zeros(16)[::2], s)
+    assert not fused.applies(torch.zeros(2, 4), torch.full((2,), 0.1))  # per channel
 
     class Sub(torch.Tensor):
         pass
 
-    assert not fused.applies(torch.zeros(8).as_subclass(Sub))
+    assert not fused.applies(torch.zeros(8).as_subclass(Sub), s)
+    seen = []
+    torch.func.vmap(lambda row: seen.append(fused.applies(row, s)) or row)(torch.zeros(3, 8))
+    assert seen == [False]  # a torch.func wrapper
     for off in ("0", "false", "no", "off"):
         monkeypatch.setenv(fused.ENV, off)
-        assert not fused.enabled() and not fused.applies(torch.zeros(8))
+        assert not fused.enabled() and not fused.applies(torch.zeros(8), s)
     monkeypatch.setenv(fused.ENV, "1")
     assert fused.enabled()
     monkeypatch.setattr(fused, "_broken", True)
     assert not fused.enabled()
 
 
-def test_kernel_is_the_compiled_function_built_once(monkeypatch):
-    monkeypatch.setattr(fused, "_kernels", {})
-    built = []
-
-    def fake_compile(function, **options):
-        built.append((function, options))
-        return lambda *args: function(*args)
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    first = fused._kernel("forward")
-    assert fused._kernel("forward") is first
-    fused._kernel("backward")
-    assert [b[0] for b in built] == [fused._forward, fused._backward]
-    assert built[0][1] == {"dynamic": True, "fullgraph": True}
-
-
-def test_shapes_and_failure_fallback(eager_kernels, monkeypatch):
-    x = X.reshape(2, 5)
-    c = fused.constants(0.5, -2, 1)
-    out = fused.forward(x, c)
-    assert out.shape == (2, 5) and torch.equal(out, (LEVELS * 0.5).reshape(2, 5))
-    grad_x, levels_sum, inner = fused.backward(G.reshape(2, 5), x, c)
-    assert grad_x.shape == (2, 5) and float(levels_sum) == 22.0
-    assert eager_kernels == ["forward", "backward"]
-
-    def broken(name):
-        raise RuntimeError("  first line of the failure \nsecond")
-
-    monkeypatch.setattr(fused, "_kernel", broken)
-    with pytest.warns(RuntimeWarning, match=r"unavailable \(first line of the failure\);"):
-        assert fused.forward(x, c) is None
-    assert fused._broken
-    monkeypatch.setattr(fused, "_broken", False)
-
-    def silent(name):
-        raise ValueError()
-
-    monkeypatch.setattr(fused, "_kernel", silent)
-    with pytest.warns(RuntimeWarning, match=r"unavailable \(ValueError\);"):
-        assert fused.backward(G, X, c) is None
-
-
-def _grads(x, step_value, n, p, g, floor=None):
-    leaf = x.clone().requires_grad_()
-    step = torch.tensor(step_value, requires_grad=True)
-    out = fake_quantize(leaf, step, n, p, 0.1, floor)
-    out.backward(g)
-    return out.detach(), leaf.grad, step.grad
-
-
-def test_fake_quant_takes_the_fused_path_with_lsq_gradients(eager_kernels, monkeypatch):
-    out, grad_x, grad_step = _grads(X, 0.5, -2, 1, G)
-    assert eager_kernels == ["forward", "backward"]
-    assert torch.equal(out, LEVELS * 0.5)
-    assert torch.equal(grad_x, G * INSIDE)
-    # LSQ: 0.1 * (sum g*levels - sum g*inside*x/s) = 0.1 * (22 - 5.90/0.5) = 1.02
-    assert float(grad_step) == pytest.approx(1.02, abs=1e-5)
-    monkeypatch.setenv(fused.ENV, "0")  # the ATen passes agree
-    aten = _grads(X, 0.5, -2, 1, G)
-    assert eager_kernels == ["forward", "backward"]
-    assert torch.equal(aten[0], out) and torch.equal(aten[1], grad_x)
-    assert float(aten[2]) == pytest.approx(float(grad_step), abs=1e-6)
-
-
-def test_fused_path_edges(eager_kernels, monkeypatch):
-    # a step held at the floor: no fused backward, no step gradient, dx by hardtanh_backward
-    out, grad_x, grad_step = _grads(X, 0.1, -2, 1, G, floor=0.5)
-    assert eager_kernels == ["forward"]
-    assert torch.equal(out, LEVELS * 0.5) and torch.equal(grad_x, G * INSIDE)
-    assert float(grad_step) == 0.0
-    # no gradient wanted for x: None for it, the step's still computed
-    eager_kernels.clear()
+def test_fake_quantize_dispatch_and_floor_sentinel(stub_kernels, monkeypatch):
     step = torch.tensor(0.5, requires_grad=True)
-    fake_quantize(X, step, -2, 1, 0.1).backward(G)
-    assert eager_kernels == ["forward", "backward"]
-    assert float(step.grad) == pytest.approx(1.02, abs=1e-5)
-    # a forward that fell back: ATen from then on, and the same answer
-    eager_kernels.clear()
-    real_run = fused._run
-
-    def failing(which):
-        return lambda name, *args: None if name == which else real_run(name, *args)
-
-    monkeypatch.setattr(fused, "_run", failing("forward"))
-    out2, grad_x2, grad_step2 = _grads(X, 0.5, -2, 1, G)
-    assert eager_kernels == []
-    assert torch.equal(out2, LEVELS * 0.5) and torch.equal(grad_x2, G * INSIDE)
-    assert float(grad_step2) == pytest.approx(1.02, abs=1e-5)
-    # forward fused, backward fell back: levels recomputed from x
-    monkeypatch.setattr(fused, "_run", failing("backward"))
-    out3, grad_x3, grad_step3 = _grads(X, 0.5, -2, 1, G)
-    assert eager_kernels == ["forward"]
-    assert torch.equal(out3, LEVELS * 0.5) and torch.equal(grad_x3, G * INSIDE)
-    assert float(grad_step3) == pytest.approx(1.02, abs=1e-5)
-
-
-def test_context_of_the_fused_forward(eager_kernels):
-    """What forward leaves for backward: the Python step, the constants, no saved output."""
-
-    class Ctx:
-        def save_for_backward(self, *tensors):
-            self.saved = tensors
-
-    ctx = Ctx()
-    step = torch.tensor(0.5)
-    out = _FakeQuant.forward(ctx, X, step, -2, 1, 0.1)
-    assert ctx.s == 0.5 and ctx.held is False
-    assert ctx.consts.tolist() == [2.0, 0.5, -2.0, 1.0, -1.25, 0.75]
-    assert ctx.saved[0] is X and ctx.saved[1] is step and ctx.saved[2] is None
+    leaf = X.clone().requires_grad_()
+    out = fake_quantize(leaf, step, -2, 1, 0.1, 1e-8)
+    assert len(stub_kernels) == 1
+    x, s, n, p, grad_scale, floor = stub_kernels[0]
+    assert x is leaf and s is step and (n, p, grad_scale, floor) == (-2, 1, 0.1, 1e-8)
     assert torch.equal(out, LEVELS * 0.5)
-    small = torch.tensor([0.3, 0.6, 0.9])  # below the bar of 4: the ATen passes, output saved
-    ctx2 = Ctx()
-    out2 = _FakeQuant.forward(ctx2, small, step, -2, 1, 0.1)
-    assert ctx2.consts is None and ctx2.saved[2] is out2
+    out.backward(G)
+    assert torch.equal(leaf.grad, G * INSIDE)
+    assert float(step.grad) == pytest.approx(1.02, abs=1e-5)  # 0.1 * (22 - 5.90 / 0.5)
+    fake_quantize(X, step, -2, 1)
+    assert math.isnan(stub_kernels[1][5]) and stub_kernels[1][4] == 1.0  # no floor: NaN
+    fake_quantize(X[:1], step, -2, 1)  # one element: the kernels too
+    fake_quantize(X.double(), step, -2, 1)  # float64: the ATen passes
+    fake_quantize(X.reshape(2, 5), torch.tensor([0.5, 0.5]), -2, 1)  # per channel
+    monkeypatch.setenv(fused.ENV, "0")
+    fake_quantize(X, step, -2, 1)
+    assert len(stub_kernels) == 3
 
 
-def test_constants_are_float32_whatever_the_default_dtype():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        c = fused.constants(0.1, -8, 7)
-    finally:
-        torch.set_default_dtype(previous)
-    assert c.dtype == torch.float32 and float(c[1]) == float(torch.tensor(0.1).float())
+def test_a_failed_build_falls_back_to_the_aten_passes(stub_kernels, monkeypatch):
+    monkeypatch.setattr(fused, "_module", None)
+    monkeypatch.setattr(fused, "_build", lambda: (_ for _ in ()).throw(OSError()))
+    with pytest.warns(RuntimeWarning, match=r"unavailable \(OSError\); using ATen ops"):
+        out = fake_quantize(X, torch.tensor(0.5), -2, 1)
+    assert torch.equal(out, LEVELS * 0.5) and fused._broken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second build, no second warning
+        assert fused.fake_quantize(X, torch.tensor(0.5), -2, 1, 1.0, None) is None
 
 
-def test_fused_backward_called_directly_honours_needs_input_grad(eager_kernels):
+def test_load_builds_once_and_keeps_the_module(monkeypatch):
+    built = []
+    module = types.SimpleNamespace()
+    monkeypatch.setattr(fused, "_module", None)
+    monkeypatch.setattr(fused, "_broken", False)
+    monkeypatch.setattr(fused, "_build", lambda: built.append(1) or module)
+    assert fused._load() is module and fused._load() is module
+    assert built == [1] and not fused._broken
+
+
+def test_build_pins_source_and_flags_in_the_name(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    seen = {}
+
+    def load(**options):
+        seen.update(options)
+        return types.SimpleNamespace(set_large_from=lambda n: seen.setdefault("from", n))
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    fused._build()
+    assert seen["sources"] == [str(fused.SOURCE)] and fused.SOURCE.name == "fused.cpp"
+    assert seen["extra_cflags"] == fused.compiler_flags()
+    assert seen["extra_ldflags"] == ["-fopenmp"] and seen["verbose"] is False
+    assert seen["from"] == fused.LARGE == 1 << 20
+    name = seen["name"]
+    assert name.startswith("qatlab_fused_") and len(name) == len("qatlab_fused_") + 12
+    monkeypatch.setattr(fused, "compiler_flags", lambda: ["-O0"])
+    fused._build()
+    assert seen["name"] != name  # other flags, another extension
+
+
+def test_compiler_flags(monkeypatch):
+    base = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    monkeypatch.setattr(fused.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(fused, "_cpu_has", lambda *f: f == ("avx2", "fma"))
+    assert fused.compiler_flags() == [*base, "-mavx2", "-mfma"]
+    monkeypatch.setattr(fused, "_cpu_has", lambda *f: False)
+    assert fused.compiler_flags() == base
+    monkeypatch.setattr(fused, "_cpu_has", lambda *f: True)
+    monkeypatch.setattr(fused.platform, "machine", lambda: "aarch64")
+    assert fused.compiler_flags() == base
+
+
+def test_cpu_has_reads_whole_words(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse4_1 avx avx2 fma\n")
+    real_path = fused.Path
+    monkeypatch.setattr(fused, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    assert fused._cpu_has("avx2", "fma") and fused._cpu_has("avx")
+    assert not fused._cpu_has("avx512f") and not fused._cpu_has("sse4")
+    monkeypatch.setattr(fused, "Path", lambda p: real_path(tmp_path / "missing"))
+    assert not fused._cpu_has("avx2")
+
+
+def test_fake_quant_backward_honours_needs_input_grad():
     class Ctx:
         def save_for_backward(self, *tensors):
             self.saved_tensors = tensors
@@ -229,8 +175,6 @@ def test_fused_backward_called_directly_honours_needs_input_grad(eager_kernels):
 
 
 def test_per_tensor_quantize_by_hand():
-    from qatlab.quant.quantizer import _per_tensor_quantize
-
     assert torch.equal(_per_tensor_quantize(X, 0.5, -2, 1), LEVELS * 0.5)
     y = torch.tensor([-0.3, 0.7, 1.6, 9.0])
     assert _per_tensor_quantize(y, 0.5, 0, 3).tolist() == [0.0, 0.5, 1.5, 1.5]
@@ -239,3 +183,31 @@ def test_per_tensor_quantize_by_hand():
     z = _per_tensor_quantize(torch.tensor([1.0]), -0.0, -2, 1)  # 1 * -inf -> -2 * -0 = +0
     assert z.item() == 0.0 and math.copysign(1.0, z.item()) == 1.0
     assert torch.equal(y, torch.tensor([-0.3, 0.7, 1.6, 9.0]))  # x itself untouched
+
+
+def test_a_build_is_announced_a_cached_load_is_not(monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    module = types.SimpleNamespace(set_large_from=lambda n: None)
+    monkeypatch.setattr(cpp_extension, "load", lambda **options: module)
+    monkeypatch.setattr(fused, "_built", lambda name: False)
+    assert fused._build() is module
+    assert "building the fused fake-quant kernels (once per machine" in capsys.readouterr().err
+    monkeypatch.setattr(fused, "_built", lambda name: True)
+    fused._build()
+    assert capsys.readouterr().err == ""
+
+
+def test_built_looks_in_torchs_extension_cache(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: tmp_path)
+    assert not fused._built("qatlab_fused_abc")
+    (tmp_path / "qatlab_fused_abc.so").write_bytes(b"")
+    assert fused._built("qatlab_fused_abc") and not fused._built("qatlab_fused_abd")
+
+    def broken(name, verbose):
+        raise AttributeError("gone in this torch")
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", broken)
+    assert fused._built("qatlab_fused_abc")  # unknown: no message rather than a wrong one

@@ -1,103 +1,139 @@
-"""One-pass eager kernels for per-tensor fake quantization of large CPU tensors.
+"""One-pass C++ kernels for per-tensor fake quantization on the CPU.
 
-The eager LSQ kernel (:class:`qatlab.quant.quantizer._FakeQuant`) is memory-bound: in ATen ops
-its forward makes four passes over an activation (``mul``, ``round_``, ``clamp_``, ``mul_``)
-and its backward three (two dot products and ``hardtanh_backward``), each over a tensor larger
-than the caches. Here both are single loops, generated once by inductor (``torch.compile``
-with dynamic shapes, so one kernel serves every size) and called from the eager autograd
-Function: forward reads ``x`` and writes ``q``; backward reads ``g`` and ``x``, writes ``dx``
-and reduces the two sums of the step gradient in the same loop.
+The eager LSQ kernel (:class:`qatlab.quant.quantizer._FakeQuant`) is memory-bound and runs in
+Python: its forward makes four ATen passes over an activation (``mul``, ``round_``, ``clamp_``,
+``mul_``) and its backward three (two dot products and ``hardtanh_backward``), each over a
+tensor larger than the caches, with a Python autograd Function around them. ``fused.cpp`` does
+the same as one C++ autograd Function: one loop forward (read ``x``, write ``q``), one loop
+backward (read ``g`` and ``x``, write ``dx``, reduce the two sums of the step gradient), which
+the compiler vectorises, and no Python in either. It is built on first use with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~20 s once per machine, announced on
+stderr, then cached by torch in ``~/.cache/torch_extensions``). It is faster than the ATen passes
+at every size (a weight of 2,304 elements: 24 against 63 us forward and backward), so every
+per-tensor CPU float32 call takes it.
 
 Values: the forward output and ``dx`` are bitwise equal to the ATen passes (the same float32
-operations per element); the step gradient's sums are added in another order (float32
-rounding, ~1e-6 relative). Small tensors (below :data:`MIN_NUMEL` elements) keep the ATen passes.
+operations per element), and so is the step gradient below :data:`LARGE` elements (there
+backward takes its two sums with ATen's dot products, as ``_FakeQuant`` does:
+``tests/test_quant_bitwise.py``); from :data:`LARGE` on, the loop reduces them itself
+(per-lane float32, per-chunk double; float32 rounding of a sum, ~1e-6 relative). Under
+``create_graph`` the backward uses differentiable ATen ops. Per channel, on other devices
+and dtypes, and under tracers the ATen passes stay.
 
-Set ``QATLAB_FUSED_KERNELS=0`` to use the ATen passes everywhere. If inductor cannot build the
-kernels (no C++ compiler), the first large call warns once and the ATen passes take over.
+Set ``QATLAB_FUSED_KERNELS=0`` to use the ATen passes everywhere. If the kernels cannot be
+built (no compiler or ninja), the first call warns once and the ATen passes take over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import platform
+import sys
 import warnings
-from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-MIN_NUMEL = 1 << 20
-"""Tensors with fewer elements keep the ATen passes. A call through ``torch.compile`` costs
-~30-80 us more than the ATen calls (guards, wrappers, a fresh constants tensor); on the 2-core
-CPU the saved passes repay that from ~1M elements (at 2^19 fused fwd+bwd took 0.73 ms against
-the ATen passes' 0.67 ms; at 2^20, 1.10 ms against 1.36 ms). Small models (MNIST-1D MLPs) never
-pay the one-off compilation (~10 s cold, ~1-2 s from inductor's disk cache, once per process).
-docs/results/performance.md has the measurements."""
+LARGE = 1 << 20
+"""From this many elements the loops use torch's threads and backward reduces the step
+gradient's sums in its loop (float rounding differs from the ATen passes); below, the sums are
+``_FakeQuant``'s dot products and every value is bitwise equal to the ATen passes."""
 
 ENV = "QATLAB_FUSED_KERNELS"
+SOURCE = Path(__file__).with_name("fused.cpp")
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
-_kernels: dict[str, Callable] = {}
+_module: ModuleType | None = None
 _broken = False
 
 
-def _forward(x: Tensor, consts: Tensor) -> Tensor:
-    """``s * clamp(round(x * (1/s)), n, p)``; ``consts = [1/s, s, n, p, lo, hi]`` in float32."""
-    return torch.clamp(torch.round(x * consts[0]), consts[2], consts[3]) * consts[1]
-
-
-def _backward(grad: Tensor, x: Tensor, consts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``dx = g`` where ``lo < x < hi``, else 0; and ``sum g * levels``, ``sum dx * x``."""
-    grad_x = torch.where((x > consts[4]) & (x < consts[5]), grad, 0.0)
-    levels = torch.clamp(torch.round(x * consts[0]), consts[2], consts[3])
-    return grad_x, (grad * levels).sum(), (grad_x * x).sum()
-
-
 def enabled() -> bool:
-    """Whether large per-tensor CPU calls use the fused kernels (``QATLAB_FUSED_KERNELS``)."""
+    """Whether per-tensor CPU calls use the fused kernels (``QATLAB_FUSED_KERNELS``)."""
     return not _broken and os.environ.get(ENV) not in ("0", "false", "no", "off")
 
 
-def applies(x: Tensor) -> bool:
-    """A plain contiguous float32 CPU tensor of at least :data:`MIN_NUMEL` elements, kernels on.
+def applies(x: Tensor, step: Tensor) -> bool:
+    """A plain contiguous float32 CPU tensor with one step, kernels on.
 
-    Plain: not a tensor subclass (fake, functional or distributed tensors of a tracer) and not
-    inside ``torch.jit.trace``, which would record the compiled call instead of its ops."""
+    Plain: not a tensor subclass (fake or functional tensors of a tracer), not a ``torch.func``
+    wrapper, and not inside ``torch.jit.trace``: the C++ loops read raw memory, which none of
+    them could record."""
     return (
-        not torch.jit.is_tracing()
+        step.dim() == 0
+        and not torch.jit.is_tracing()
         and type(x) in _PLAIN
-        and x.numel() >= MIN_NUMEL
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and x.is_contiguous()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and enabled()
     )
 
 
-def constants(s: float, n: int, p: int) -> Tensor:
-    """The kernels' scalars as one float32 tensor, each rounded from double as ATen rounds a
-    Python scalar: ``1/s``, ``s``, ``n``, ``p``, the in-range bounds ``(n-1/2)s``, ``(p+1/2)s``."""
-    inverse = 1.0 / s if s != 0 else math.copysign(math.inf, s)
-    return torch.tensor([inverse, s, n, p, (n - 0.5) * s, (p + 0.5) * s], dtype=torch.float32)
+def compiler_flags() -> list[str]:
+    """Optimisation flags for this machine: AVX2 and FMA where the CPU has them (x86-64)."""
+    flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64") and _cpu_has("avx2", "fma"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
 
 
-def _kernel(name: str) -> Callable:
-    """The compiled kernel ``name`` (inductor builds it on its first call)."""
-    kernel = _kernels.get(name)
-    if kernel is None:
-        function = _forward if name == "forward" else _backward
-        kernel = torch.compile(function, dynamic=True, fullgraph=True)
-        _kernels[name] = kernel
-    return kernel
-
-
-def _run(name: str, *args: Tensor):
-    """Call kernel ``name``; on a build failure warn once and return None (use ATen)."""
-    global _broken
+def _cpu_has(*features: str) -> bool:
     try:
-        return _kernel(name)(*args)
-    except Exception as error:  # noqa: BLE001 - any inductor failure means: fall back
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(text.split())
+    return all(feature in words for feature in features)
+
+
+def _build() -> ModuleType:
+    """Compile (or load from torch's cache) the extension; its name pins source and flags."""
+    from torch.utils.cpp_extension import load
+
+    flags = compiler_flags()
+    key = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"qatlab_fused_{key}"
+    if not _built(name):
+        print(
+            "qatlab: building the fused fake-quant kernels (once per machine, ~20 s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    module = load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+    module.set_large_from(LARGE)
+    return module
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds extension ``name`` (no build needed)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:  # noqa: BLE001 - a private torch helper: only decides a message
+        return True
+
+
+def _load() -> ModuleType | None:
+    """The built extension; on a build failure warn once and return None (use ATen)."""
+    global _module, _broken
+    if _module is not None or _broken:
+        return _module
+    try:
+        _module = _build()
+    except Exception as error:  # noqa: BLE001 - any build failure means: fall back
         _broken = True
         lines = str(error).strip().splitlines()
         first_line = lines[0].strip() if lines else type(error).__name__
@@ -107,19 +143,15 @@ def _run(name: str, *args: Tensor):
             RuntimeWarning,
             stacklevel=3,
         )
+    return _module
+
+
+def fake_quantize(
+    x: Tensor, step: Tensor, n: int, p: int, grad_scale: float, floor: float | None
+) -> Tensor | None:
+    """LSQ fake quantization of ``x`` through the C++ op (call when :func:`applies`); None if
+    the kernels could not be built."""
+    module = _load()
+    if module is None:
         return None
-
-
-def forward(x: Tensor, consts: Tensor) -> Tensor | None:
-    """Fused forward of a flat view of ``x``, shaped like ``x``; None if the kernels failed."""
-    out = _run("forward", x.detach().reshape(-1), consts)
-    return None if out is None else out.view(x.shape)
-
-
-def backward(grad: Tensor, x: Tensor, consts: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Fused ``(dx, sum g*levels, sum dx*x)``; None if the kernels failed."""
-    result = _run("backward", grad.reshape(-1), x.detach().reshape(-1), consts)
-    if result is None:
-        return None
-    grad_x, levels_sum, inner = result
-    return grad_x.view(x.shape), levels_sum, inner
+    return module.fake_quantize(x, step, n, p, grad_scale, math.nan if floor is None else floor)

@@ -73,12 +73,6 @@ class _FakeQuant(torch.autograd.Function):
         if step.dim() == 0 and x.device.type == "cpu":
             s, ctx.held = _cpu_step(step, floor)
             ctx.s = s
-            ctx.consts = fused.constants(s, n, p) if fused.applies(x) else None
-            out = None if ctx.consts is None else fused.forward(x, ctx.consts)
-            if out is not None:  # one pass; backward recomputes the levels from x
-                ctx.save_for_backward(x, step, None)
-                return out
-            ctx.consts = None
             out = _per_tensor_quantize(x, s, n, p)
             ctx.save_for_backward(x, step, out)
             return out
@@ -99,14 +93,6 @@ class _FakeQuant(torch.autograd.Function):
         s = ctx.s
         if s is not None:
             step_grad = ctx.needs_input_grad[1] and not ctx.held
-            fusable = ctx.consts is not None and step_grad
-            result = fused.backward(grad, x, ctx.consts) if fusable else None
-            if result is not None:
-                grad_x, levels_sum, inner = result
-                grad_step = levels_sum.mul_(s).sub_(inner).mul_(ctx.grad_scale / s)
-                return (grad_x if ctx.needs_input_grad[0] else None), grad_step, *tail
-            if out is None and step_grad:  # fused forward, but no fused backward: <g, s levels>
-                out = _per_tensor_quantize(x, s, n, p)
             # <g, out> first: the next layer's backward has just read ``out`` and written ``g``
             outer = torch.dot(grad.reshape(-1), out.reshape(-1)) if step_grad else None
             grad_x = torch.ops.aten.hardtanh_backward(grad, x, (n - 0.5) * s, (p + 0.5) * s)
@@ -212,14 +198,19 @@ def fake_quantize(
     """``step * clamp(round(x / step), n, p)``; per channel (axis 0) when ``step`` is 1-D.
 
     LSQ's gradients for ``x`` and ``step`` (the latter times ``grad_scale``). Under
-    ``torch.compile`` a traceable form the compiler can fuse; eagerly a hand-tuned kernel;
-    both give the same values and gradients (float32 rounding aside). ``floor``: use
+    ``torch.compile`` a traceable form the compiler can fuse; eagerly a hand-tuned kernel, and
+    for large per-tensor CPU tensors one-pass C++ kernels (:mod:`qatlab.quant.fused`); all give
+    the same values and gradients (float32 rounding aside). ``floor``: use
     ``step.clamp_min(floor)`` (and its gradient) in place of ``step``.
     """
     if torch.compiler.is_compiling():
         if floor is not None:
             step = step.clamp_min(floor)
         return _FakeQuantTraceable.apply(x, step, n, p, grad_scale)
+    if fused.applies(x, step):  # a large CPU activation: the one-pass C++ kernels
+        out = fused.fake_quantize(x, step, n, p, grad_scale, floor)
+        if out is not None:
+            return out
     if floor is None:
         return _FakeQuant.apply(x, step, n, p, grad_scale)
     return _FakeQuant.apply(x, step, n, p, grad_scale, floor)
