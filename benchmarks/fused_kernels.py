@@ -2,9 +2,9 @@
 
 For each size (``--sizes``, elements; defaults: a small and a large weight tensor and
 resnet20's and mobilenetv2's activations at CIFAR shape, batch 64: 2304, 2^15, 2^18, 2^19,
-2^20 and 64x96x32x32) and each kernel, the median time of the forward alone (no grad) and of forward + backward
-through ``qatlab.fake_quantize`` (post-ReLU input, 4-bit unsigned grid, a learned per-tensor
-step, the quantizer's 1e-8 floor), interleaved:
+2^20 and 64x96x32x32) and each kernel, the median time of the forward alone (no grad) and of
+forward + backward through ``qatlab.fake_quantize`` (post-ReLU input, 4-bit unsigned grid, a
+learned per-tensor step, the quantizer's 1e-8 floor), interleaved:
 
 * ``aten``: the ATen passes of ``_FakeQuant`` (``QATLAB_FUSED_KERNELS=0``): forward ``mul``,
   ``round_``, ``clamp_``, ``mul_``; backward two dot products and ``hardtanh_backward``;

@@ -142,6 +142,8 @@ def test_compiler_flags(monkeypatch):
     monkeypatch.setattr(fused, "_cpu_has", lambda *f: False)
     assert fused.compiler_flags() == base
     monkeypatch.setattr(fused, "_cpu_has", lambda *f: True)
+    monkeypatch.setattr(fused.platform, "machine", lambda: "AMD64")  # x86-64 as Windows says it
+    assert fused.compiler_flags() == [*base, "-mavx2", "-mfma"]
     monkeypatch.setattr(fused.platform, "machine", lambda: "aarch64")
     assert fused.compiler_flags() == base
 
@@ -189,10 +191,15 @@ def test_a_build_is_announced_a_cached_load_is_not(monkeypatch, capsys):
     import torch.utils.cpp_extension as cpp_extension
 
     module = types.SimpleNamespace(set_large_from=lambda n: None)
-    monkeypatch.setattr(cpp_extension, "load", lambda **options: module)
-    monkeypatch.setattr(fused, "_built", lambda name: False)
+    loaded = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **options: loaded.append(options) or module)
+    asked = []
+    monkeypatch.setattr(fused, "_built", lambda name: asked.append(name) or False)
     assert fused._build() is module
-    assert "building the fused fake-quant kernels (once per machine" in capsys.readouterr().err
+    assert asked == [loaded[0]["name"]]
+    err = capsys.readouterr().err
+    assert err.startswith("qatlab: building the fused fake-quant kernels (once per machine")
+    assert err.endswith("...\n")
     monkeypatch.setattr(fused, "_built", lambda name: True)
     fused._build()
     assert capsys.readouterr().err == ""
@@ -201,8 +208,14 @@ def test_a_build_is_announced_a_cached_load_is_not(monkeypatch, capsys):
 def test_built_looks_in_torchs_extension_cache(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: tmp_path)
+    asked = []
+    monkeypatch.setattr(
+        cpp_extension,
+        "_get_build_directory",
+        lambda name, verbose: asked.append((name, verbose)) or tmp_path,
+    )
     assert not fused._built("qatlab_fused_abc")
+    assert asked == [("qatlab_fused_abc", False)]
     (tmp_path / "qatlab_fused_abc.so").write_bytes(b"")
     assert fused._built("qatlab_fused_abc") and not fused._built("qatlab_fused_abd")
 
@@ -211,3 +224,24 @@ def test_built_looks_in_torchs_extension_cache(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", broken)
     assert fused._built("qatlab_fused_abc")  # unknown: no message rather than a wrong one
+
+
+def test_built_with_torchs_helper_prints_nothing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not fused._built("qatlab_fused_none")
+    assert capsys.readouterr().out == ""  # torch's helper asked not to be verbose
+
+
+def test_a_failed_build_names_the_first_line_of_the_error(monkeypatch):
+    monkeypatch.setattr(fused, "_module", None)
+    monkeypatch.setattr(fused, "_broken", False)
+
+    def broken():
+        raise RuntimeError("\n  Error building extension 'qatlab_fused'  \nsecond line\n")
+
+    monkeypatch.setattr(fused, "_build", broken)
+    with pytest.warns(RuntimeWarning) as record:
+        assert fused._load() is None
+    assert str(record[0].message).startswith(
+        "qatlab: fused fake-quant kernels unavailable (Error building extension 'qatlab_fused');"
+    )

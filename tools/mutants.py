@@ -28,12 +28,18 @@ generated copies would clash by name or be compiled. The workers fork (``process
 "fork"``, and mutmut generates the mutants in a fork pool), so the patch made here holds for
 all of them.
 
+It also sets ``QATLAB_FUSED_KERNELS=0`` (unless set): mutmut mutates Python, not the C++ kernels
+of ``qatlab/quant/fused.cpp``, and with them off every per-tensor fake quantization in the
+definition tests runs through ``_FakeQuant``, whose formulas are the ones mutated
+(``tests/test_fused.py`` pins the C++ kernels to ``_FakeQuant``).
+
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python tools/mutants.py run --max-children 2
     .venv/bin/python tools/mutants.py results --all true
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -142,6 +148,7 @@ def main() -> None:
     if sys.path and sys.path[0].rstrip("/").endswith("tools"):
         sys.path.pop(0)  # this folder, not the project's modules
     patch()
+    os.environ.setdefault("QATLAB_FUSED_KERNELS", "0")  # mutate _FakeQuant, not C++ (above)
     from mutmut.__main__ import cli
 
     cli(prog_name="mutmut")
