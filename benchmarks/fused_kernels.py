@@ -67,28 +67,10 @@ def variants(numel: int) -> dict:
     return {"aten": qat("0"), "fused": qat("1")}
 
 
-class KernelChoice:
-    """Within a with block: the library as is, or the ATen passes (``qatlab-aten``)."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def __enter__(self) -> None:
-        self.saved = os.environ.get(fused.ENV)
-        if self.kind == "qatlab-aten":
-            os.environ[fused.ENV] = "0"
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is None:
-            os.environ.pop(fused.ENV, None)
-        else:
-            os.environ[fused.ENV] = self.saved
-
-
 def model_rows(names: list[str], args) -> list[dict]:
     """Training-step times per net and kernel choice, interleaved; printed as a table."""
-    from common import data, interleaved, sgd, sgd_step, summarize
-    from model_overhead import build_model
+    from common import data, interleaved, sgd, summarize
+    from model_overhead import build_model, step_fn
 
     device = torch.device("cpu")
     kinds = ["float", "qatlab", "qatlab-aten"]
@@ -104,11 +86,7 @@ def model_rows(names: list[str], args) -> list[dict]:
             nets[kind] = (model, sgd(model))
 
         def stepper(kind, net, opt, x=x, y=y):
-            def step(i: int) -> None:
-                with KernelChoice(kind):
-                    sgd_step(net, opt, x, y)
-
-            return step
+            return lambda i: step_fn(kind, net, opt, x, y)  # qatlab-aten: the kernels off
 
         steps = {k: stepper(k, *nets[k]) for k in kinds}
         times, _ = interleaved(steps, args.steps, 3, device)

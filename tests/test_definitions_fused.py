@@ -122,6 +122,7 @@ def test_build_pins_source_and_flags_in_the_name(monkeypatch):
         return types.SimpleNamespace(set_large_from=lambda n: seen.setdefault("from", n))
 
     monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(fused, "_built", lambda name: True)  # no directory in the real cache
     fused._build()
     assert seen["sources"] == [str(fused.SOURCE)] and fused.SOURCE.name == "fused.cpp"
     assert seen["extra_cflags"] == fused.compiler_flags()
