@@ -64,6 +64,10 @@ class _FakeQuant(torch.autograd.Function):
     ``floor`` (optional sixth input) clamps the step to at least ``floor`` inside, with the
     gradient of ``step.clamp_min(floor)`` (none where ``step < floor``): the quantizer's
     ``1e-8`` guard without a separate autograd node per call.
+
+    Per tensor on a CPU float32 tensor, :func:`fake_quantize` takes the C++ kernels of
+    :mod:`qatlab.quant.fused` instead; this Function is their fallback and their reference
+    (``QATLAB_FUSED_KERNELS=0``), bit for bit below 2^20 elements.
     """
 
     @staticmethod
@@ -198,16 +202,16 @@ def fake_quantize(
     """``step * clamp(round(x / step), n, p)``; per channel (axis 0) when ``step`` is 1-D.
 
     LSQ's gradients for ``x`` and ``step`` (the latter times ``grad_scale``). Under
-    ``torch.compile`` a traceable form the compiler can fuse; eagerly a hand-tuned kernel, and
-    for large per-tensor CPU tensors one-pass C++ kernels (:mod:`qatlab.quant.fused`); all give
-    the same values and gradients (float32 rounding aside). ``floor``: use
-    ``step.clamp_min(floor)`` (and its gradient) in place of ``step``.
+    ``torch.compile`` a traceable form the compiler can fuse; eagerly one-pass C++ kernels for a
+    per-tensor step on a CPU float32 tensor (:mod:`qatlab.quant.fused`) and a hand-tuned ATen
+    kernel otherwise; all give the same values and gradients (float32 rounding aside).
+    ``floor``: use ``step.clamp_min(floor)`` (and its gradient) in place of ``step``.
     """
     if torch.compiler.is_compiling():
         if floor is not None:
             step = step.clamp_min(floor)
         return _FakeQuantTraceable.apply(x, step, n, p, grad_scale)
-    if fused.applies(x, step):  # a large CPU activation: the one-pass C++ kernels
+    if fused.applies(x, step):  # per tensor, CPU, float32: the one-pass C++ kernels
         out = fused.fake_quantize(x, step, n, p, grad_scale, floor)
         if out is not None:
             return out
