@@ -119,7 +119,7 @@ def test_build_pins_source_and_flags_in_the_name(monkeypatch):
 
     def load(**options):
         seen.update(options)
-        return types.SimpleNamespace(set_large_from=lambda n: seen.setdefault("from", n))
+        return types.SimpleNamespace()
 
     monkeypatch.setattr(cpp_extension, "load", load)
     monkeypatch.setattr(fused, "_built", lambda name: True)  # no directory in the real cache
@@ -127,7 +127,6 @@ def test_build_pins_source_and_flags_in_the_name(monkeypatch):
     assert seen["sources"] == [str(fused.SOURCE)] and fused.SOURCE.name == "fused.cpp"
     assert seen["extra_cflags"] == fused.compiler_flags()
     assert seen["extra_ldflags"] == ["-fopenmp"] and seen["verbose"] is False
-    assert seen["from"] == fused.LARGE == 1 << 20
     name = seen["name"]
     assert name.startswith("qatlab_fused_") and len(name) == len("qatlab_fused_") + 12
     monkeypatch.setattr(fused, "compiler_flags", lambda: ["-O0"])
@@ -191,7 +190,7 @@ def test_per_tensor_quantize_by_hand():
 def test_a_build_is_announced_a_cached_load_is_not(monkeypatch, capsys):
     import torch.utils.cpp_extension as cpp_extension
 
-    module = types.SimpleNamespace(set_large_from=lambda n: None)
+    module = types.SimpleNamespace()
     loaded = []
     monkeypatch.setattr(cpp_extension, "load", lambda **options: loaded.append(options) or module)
     asked = []

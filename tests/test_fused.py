@@ -1,9 +1,10 @@
 """The fused C++ kernels (qatlab/quant/fused.py, fused.cpp) against the ATen passes they replace.
 
 Any per-tensor CPU float32 call takes the kernels: the forward output and the input gradient
-must be bitwise equal to the ATen passes (``QATLAB_FUSED_KERNELS=0``), the step gradient too
-below ``fused.LARGE`` elements and equal up to float32 rounding (summation order) from there; a
-step held at the floor gets none; second derivatives (``create_graph``) match the ATen passes;
+must be bitwise equal to the ATen passes (``QATLAB_FUSED_KERNELS=0``), the step gradient equal
+up to float32 rounding (summation order) and the same for any number of threads; backward
+writes the input gradient over the incoming one only when nothing else holds that; a step held
+at the floor gets none; second derivatives (``create_graph``) match the ATen passes;
 other dtypes, strided tensors, per-channel steps, tracing and ``QATLAB_FUSED_KERNELS=0`` keep the
 ATen passes; kernels that cannot be built warn once and give the ATen results. The first test
 builds the extension (~20 s once per machine; cached by torch).
@@ -31,8 +32,7 @@ def _run(x: torch.Tensor, step: float, n: int, p: int, g: torch.Tensor, floor=No
 @pytest.fixture
 def big():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 32, 128, 128, generator=gen) * 1.5  # 2^20 elements: threads on
-    assert x.numel() >= fused.LARGE
+    x = torch.randn(2, 32, 128, 128, generator=gen) * 1.5  # 2^20 elements: 16 tasks
     return x, torch.randn(x.shape, generator=gen)
 
 
@@ -73,17 +73,80 @@ def test_fused_matches_aten_passes(big, monkeypatch, n, p):
     assert abs(float(got[2]) - exact) <= 1e-3 * abs(exact)
 
 
-def test_below_large_every_value_is_bitwise_the_aten_passes(monkeypatch):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(300_013, generator=gen)  # not a multiple of the 16 lanes nor of a chunk
+@pytest.mark.parametrize("size", [1, 15, 1000, 1025, 300_013])
+def test_any_size_matches_aten_passes(monkeypatch, size):
+    """Sizes off the 16 lanes, the 1,024-element flush and the 65,536-element task."""
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(size, generator=gen)
     g = torch.randn(x.shape, generator=gen)
-    assert x.numel() < fused.LARGE
     got = _run(x, 0.05, -8, 7, g, _EPS)
     monkeypatch.setenv(fused.ENV, "0")
     want = _run(x, 0.05, -8, 7, g, _EPS)
     assert got[3] == "CppFunction" and want[3] == "_FakeQuantBackward"
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert torch.equal(got[2], want[2])  # the step gradient too: the same dot products
+    exact, scale = _exact_step_grad(x, g, 0.05, -8, 7)
+    assert abs(float(got[2]) - exact) <= 6e-8 * scale  # float32's rounding of the result too
+
+
+def test_step_gradient_does_not_depend_on_threads(big):
+    x, g = big
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(x, 0.137, -8, 7, g, _EPS)
+        torch.set_num_threads(3)  # chunks split unevenly over the threads
+        three = _run(x, 0.137, -8, 7, g, _EPS)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one[:3], three[:3]):
+        assert torch.equal(a, b)
+
+
+def _backward_bytes(loss_backward) -> int:
+    """Bytes the fused backward node allocated (profiler memory, children included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_backward()
+    rows = [e for e in prof.key_averages() if e.key == "torch::autograd::CppNode<FakeQuantize>"]
+    assert len(rows) == 1
+    return rows[0].cpu_memory_usage
+
+
+def test_input_gradient_reuses_a_gradient_nothing_else_holds():
+    size = 1 << 16
+    x = torch.randn(size, requires_grad=True)
+    step = torch.tensor(0.1, requires_grad=True)
+    g = torch.randn(size)
+    g_before = g.clone()
+    inside = torch.where((x > -0.85) & (x < 0.75), 1.0, 0.0).detach()
+
+    # the gradient of ``2 * q`` is a fresh tensor only backward holds: dx is written over it
+    out = fake_quantize(x, step, -8, 7, 0.01, _EPS)
+    assert _backward_bytes(lambda: (out * 2.0).backward(g)) < size * 4
+    assert torch.equal(x.grad, 2.0 * g * inside)
+
+    # the caller's own gradient: a new tensor, and the caller's is untouched
+    x.grad = None
+    out = fake_quantize(x, step, -8, 7, 0.01, _EPS)
+    assert _backward_bytes(lambda: out.backward(g)) >= size * 4
+    assert torch.equal(g, g_before) and torch.equal(x.grad, g * inside)
+
+    # one gradient for two quantizers (a sum's backward hands both the same tensor)
+    x.grad = None
+    other = torch.randn(size, requires_grad=True)
+    both = fake_quantize(x, step, -8, 7, 0.01, _EPS) + fake_quantize(other, step, -8, 7, 0.01, _EPS)
+    (both * 1.0).backward(g)
+    assert torch.equal(x.grad, g * inside)
+    assert torch.equal(other.grad, torch.where((other > -0.85) & (other < 0.75), g, 0.0))
+
+    # a retained gradient keeps its value
+    x.grad = None
+    out = fake_quantize(x, step, -8, 7, 0.01, _EPS)
+    out.retain_grad()
+    (out * 3.0).sum().backward()
+    assert torch.equal(out.grad, torch.full((size,), 3.0))
+    assert torch.equal(x.grad, 3.0 * inside)
 
 
 @pytest.mark.parametrize("step", [0.01, 0.0, -0.3, math.nan])

@@ -3,7 +3,8 @@
 // sums of the step gradient), vectorised by the compiler. Built on first use by
 // qatlab/quant/fused.py (torch.utils.cpp_extension); values as the ATen passes of
 // qatlab/quant/quantizer.py's _FakeQuant: q and dx bitwise equal, the step gradient's sums in
-// another order (per-lane float, per-chunk double). Float32, contiguous, CPU only.
+// another order (16 float lanes over 1,024 elements, then double; the same for any number of
+// threads). Float32, contiguous, CPU only.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -15,14 +16,9 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
-static constexpr int64_t GRAIN = 1 << 16;
-// From this many elements ("large"): the loops use threads (at::parallel_for) and backward
-// reduces the step gradient's two sums in its loop (one pass over g and x instead of three;
-// float rounding differs). Below, backward takes the sums as _FakeQuant does (at::dot), so
-// every value is bitwise equal to the ATen passes.
-static int64_t large_from = 1 << 20;
-
-void set_large_from(int64_t numel) { large_from = numel; }
+static constexpr int64_t GRAIN = 1 << 16;  // elements per task of at::parallel_for
+static constexpr int LANES = 16;           // float accumulators per sum (vector lanes)
+static constexpr int64_t FLUSH = 1 << 10;  // elements per lane-sum before it goes to double
 
 static double inverse(double s) {
   return s != 0 ? 1.0 / s : std::copysign(std::numeric_limits<double>::infinity(), s);
@@ -40,58 +36,66 @@ static void fwd_range(const float* __restrict x, float* __restrict o, int64_t b,
   }
 }
 
-static void fq_fwd(const float* x, float* o, int64_t N, float fi, float fs, float fn, float fp) {
-  if (N < large_from) return fwd_range(x, o, 0, N, fi, fs, fn, fp);
-  at::parallel_for(0, N, GRAIN, [&](int64_t b, int64_t e) {
-    fwd_range(x, o, b, e, fi, fs, fn, fp);
-  });
+struct BwdArgs {
+  float fi, fn, fp, lo, hi;
+};
+
+// One element of backward: dx (returned) and the two sums' terms g*level and dx*x.
+static inline float bwd_one(float xv, float gv, const BwdArgs& a, float& levels, float& inner) {
+  float v = std::nearbyint(xv * a.fi);
+  v = v < a.fn ? a.fn : v;
+  v = v > a.fp ? a.fp : v;
+  const float gi = (xv > a.lo && xv < a.hi) ? gv : 0.f;
+  levels += gv * v;
+  inner += gi * xv;
+  return gi;
 }
 
-// dx over [b, e) and the two sums of the step gradient (per-lane float, then double)
-static void bwd_range(const float* __restrict g, const float* __restrict x, float* __restrict o,
-                      int64_t b, int64_t e, float fi, float fn, float fp, float lo, float hi,
-                      double* sum1, double* sum2) {
-  float a1[16] = {0}, a2[16] = {0};
-  int64_t i = b;
-  for (; i + 16 <= e; i += 16) {
-    for (int j = 0; j < 16; ++j) {
-      const float xv = x[i + j], gv = g[i + j];
-      float v = std::nearbyint(xv * fi);
-      v = v < fn ? fn : v;
-      v = v > fp ? fp : v;
-      const float gi = (xv > lo && xv < hi) ? gv : 0.f;
-      o[i + j] = gi;
-      a1[j] += gv * v;
-      a2[j] += gi * xv;
-    }
-  }
+// dx over [b, e) and the two sums of the step gradient: LANES float sums over FLUSH elements,
+// then double. In place (dx over g, which backward owns) writes through g itself, so the loop
+// still has one pointer per array and vectorises.
+template <bool InPlace>
+static void bwd_range(float* g, const float* __restrict x, float* __restrict o, int64_t b,
+                      int64_t e, const BwdArgs& a, double* sum1, double* sum2) {
+  float* dst = InPlace ? g : o;
   double t1 = 0, t2 = 0;
-  for (; i < e; ++i) {
-    const float xv = x[i], gv = g[i];
-    float v = std::nearbyint(xv * fi);
-    v = v < fn ? fn : v;
-    v = v > fp ? fp : v;
-    const float gi = (xv > lo && xv < hi) ? gv : 0.f;
-    o[i] = gi;
-    t1 += gv * v;
-    t2 += gi * xv;
+  int64_t i = b;
+  while (i + LANES <= e) {
+    float a1[LANES] = {0}, a2[LANES] = {0};
+    const int64_t stop = std::min(e, i + FLUSH);
+    for (; i + LANES <= stop; i += LANES) {
+      for (int j = 0; j < LANES; ++j) {
+        dst[i + j] = bwd_one(x[i + j], g[i + j], a, a1[j], a2[j]);
+      }
+    }
+    for (int j = 0; j < LANES; ++j) { t1 += a1[j]; t2 += a2[j]; }
   }
-  for (int j = 0; j < 16; ++j) { t1 += a1[j]; t2 += a2[j]; }
+  for (; i < e; ++i) {
+    float l = 0, n = 0;
+    dst[i] = bwd_one(x[i], g[i], a, l, n);
+    t1 += l;
+    t2 += n;
+  }
   *sum1 = t1;
   *sum2 = t2;
 }
 
-static void fq_bwd(const float* g, const float* x, float* o, int64_t N, float fi, float fn,
-                   float fp, float lo, float hi, double* out1, double* out2) {
+// Per chunk of GRAIN elements (threads split by chunk), the chunks' sums added in order: the
+// same result for any number of threads.
+static void fq_bwd(float* g, const float* x, float* o, int64_t N, const BwdArgs& a,
+                   double* out1, double* out2) {
   const int64_t chunks = (N + GRAIN - 1) / GRAIN;
   std::vector<double> s1(chunks, 0.0), s2(chunks, 0.0);
-  auto chunk = [&](int64_t cb, int64_t ce) {
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t b = c * GRAIN, e = std::min(N, b + GRAIN);
-      bwd_range(g, x, o, b, e, fi, fn, fp, lo, hi, &s1[c], &s2[c]);
+      if (o == g) {
+        bwd_range<true>(g, x, nullptr, b, e, a, &s1[c], &s2[c]);
+      } else {
+        bwd_range<false>(g, x, o, b, e, a, &s1[c], &s2[c]);
+      }
     }
-  };
-  at::parallel_for(0, chunks, 1, chunk);  // called for large tensors only
+  });
   double t1 = 0, t2 = 0;
   for (int64_t c = 0; c < chunks; ++c) { t1 += s1[c]; t2 += s2[c]; }
   *out1 = t1;
@@ -110,8 +114,12 @@ struct FakeQuantize : public torch::autograd::Function<FakeQuantize> {
       if (s == s) s = (double)(float)floor;
     }
     auto out = at::empty_like(x);
-    fq_fwd(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(), (float)inverse(s), (float)s,
-           (float)n, (float)p);
+    const float* xp = x.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float fi = (float)inverse(s), fs = (float)s, fn = (float)n, fp = (float)p;
+    at::parallel_for(0, x.numel(), GRAIN, [&](int64_t b, int64_t e) {
+      fwd_range(xp, op, b, e, fi, fs, fn, fp);
+    });
     ctx->save_for_backward({x, step, out});  // out: the next layer's input (no extra memory)
     ctx->saved_data["s"] = s;
     ctx->saved_data["n"] = n;
@@ -121,7 +129,9 @@ struct FakeQuantize : public torch::autograd::Function<FakeQuantize> {
     return out;
   }
 
-  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+  // grads by reference, so that backward can take the gradient's only reference and write dx
+  // over it (as AccumulateGrad steals a gradient it alone holds)
+  static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {
     auto saved = ctx->get_saved_variables();
     auto x = saved[0], step = saved[1], out = saved[2];
     const double s = ctx->saved_data["s"].toDouble();
@@ -129,26 +139,24 @@ struct FakeQuantize : public torch::autograd::Function<FakeQuantize> {
     const int64_t n = ctx->saved_data["n"].toInt(), p = ctx->saved_data["p"].toInt();
     const bool held = ctx->saved_data["held"].toBool();
     const double lo = (n - 0.5) * s, hi = (p + 0.5) * s;
-    auto g = grads[0].contiguous();
+    Tensor g = std::move(grads[0]);  // grads[0] let go: now g may be the only reference
+    if (!g.is_contiguous()) g = g.contiguous();
     Tensor grad_x, grad_step;
-    if (torch::autograd::GradMode::is_enabled() || x.numel() < large_from) {
-      // _FakeQuant's ATen ops: bitwise its values, and differentiable under create_graph
-      // (also through the saved output)
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph: _FakeQuant's ATen ops, differentiable (also through the saved output)
       grad_x = at::hardtanh_backward(g, x, lo, hi);
       if (ctx->needs_input_grad(1) && !held) {
-        auto outer = at::dot(g.reshape(-1), out.reshape(-1));
-        auto inner = at::dot(grad_x.reshape(-1), x.reshape(-1));
-        if (torch::autograd::GradMode::is_enabled()) {
-          grad_step = (outer - inner) * scale;
-        } else {
-          grad_step = outer.sub_(inner).mul_(scale);
-        }
+        grad_step = (at::dot(g.reshape(-1), out.reshape(-1)) -
+                     at::dot(grad_x.reshape(-1), x.reshape(-1))) * scale;
       }
     } else {
-      grad_x = at::empty_like(x);
+      // no one else can see g (one reference, its own storage): dx goes over it
+      const bool own = g.use_count() == 1 && g.storage().use_count() == 1;
+      grad_x = own ? g : at::empty_like(x);
+      const BwdArgs args{(float)inverse(s), (float)n, (float)p, (float)lo, (float)hi};
       double levels_sum = 0, inner = 0;
       fq_bwd(g.data_ptr<float>(), x.data_ptr<float>(), grad_x.data_ptr<float>(), x.numel(),
-             (float)inverse(s), (float)n, (float)p, (float)lo, (float)hi, &levels_sum, &inner);
+             args, &levels_sum, &inner);
       if (ctx->needs_input_grad(1) && !held) {
         grad_step = at::full_like(step, (levels_sum * s - inner) * scale);
       }
@@ -166,5 +174,4 @@ Tensor fake_quantize(Tensor x, Tensor step, int64_t n, int64_t p, double grad_sc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize", &fake_quantize, "LSQ fake quantization, per tensor, CPU float32");
-  m.def("set_large_from", &set_large_from, "threads and in-loop sums from this many elements");
 }

@@ -6,22 +6,25 @@ Python: its forward makes four ATen passes over an activation (``mul``, ``round_
 tensor larger than the caches, with a Python autograd Function around them. ``fused.cpp`` does
 the same as one C++ autograd Function: one loop forward (read ``x``, write ``q``), one loop
 backward (read ``g`` and ``x``, write ``dx``, reduce the two sums of the step gradient), which
-the compiler vectorises, and no Python in either. It is built on first use with
-``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~20 s once per machine, announced on
-stderr, then cached by torch in ``~/.cache/torch_extensions``). It is faster than the ATen passes
-at every size (a weight of 2,304 elements: 31 against 61 us forward and backward), so every
-per-tensor CPU float32 call takes it.
+the compiler vectorises and ``at::parallel_for`` splits into tasks of 65,536 elements, and no
+Python in either. Backward writes ``dx`` over the incoming gradient when it holds the only
+reference to it (as ``AccumulateGrad`` steals a gradient): one buffer less per call. It is
+built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; ~20 s once per
+machine, announced on stderr, then cached by torch in ``~/.cache/torch_extensions``). It is
+faster than the ATen passes at every size (a weight of 2,304 elements: 31 against 61 us forward
+and backward), so every per-tensor CPU float32 call takes it.
 
 Values: the forward output and ``dx`` are bitwise equal to the ATen passes (the same float32
-operations per element), and so is the step gradient below :data:`LARGE` elements (there
-backward takes its two sums with ATen's dot products, as ``_FakeQuant`` does:
-``tests/test_quant_bitwise.py``); from :data:`LARGE` on, the loop reduces them itself
-(per-lane float32, per-chunk double; float32 rounding of a sum, ~1e-6 relative). Under
-``create_graph`` the backward uses differentiable ATen ops. Per channel, on other devices
-and dtypes, and under tracers the ATen passes stay.
+operations per element). The step gradient's two sums are reduced in the loop: 16 float lanes
+over 1,024 elements, then double, per task, tasks added in order (the same result for any
+number of threads); ``_FakeQuant``'s dot products add in another order, so the two differ by
+float32 rounding (~1e-7 of the sum's terms). Under ``create_graph`` the backward uses
+differentiable ATen ops. Per channel, on other devices and dtypes, and under tracers the ATen
+passes stay.
 
-Set ``QATLAB_FUSED_KERNELS=0`` to use the ATen passes everywhere. If the kernels cannot be
-built (no compiler or ninja), the first call warns once and the ATen passes take over.
+Set ``QATLAB_FUSED_KERNELS=0`` to use the ATen passes everywhere (every bit as in runs made
+before the kernels: ``tests/test_quant_bitwise.py``). If the kernels cannot be built (no
+compiler or ninja), the first call warns once and the ATen passes take over.
 """
 
 from __future__ import annotations
@@ -37,11 +40,6 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
-
-LARGE = 1 << 20
-"""From this many elements the loops use torch's threads and backward reduces the step
-gradient's sums in its loop (float rounding differs from the ATen passes); below, the sums are
-``_FakeQuant``'s dot products and every value is bitwise equal to the ATen passes."""
 
 ENV = "QATLAB_FUSED_KERNELS"
 SOURCE = Path(__file__).with_name("fused.cpp")
@@ -105,15 +103,13 @@ def _build() -> ModuleType:
             file=sys.stderr,
             flush=True,
         )
-    module = load(
+    return load(
         name=name,
         sources=[str(SOURCE)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
-    module.set_large_from(LARGE)
-    return module
 
 
 def _built(name: str) -> bool:

@@ -67,7 +67,8 @@ class _FakeQuant(torch.autograd.Function):
 
     Per tensor on a CPU float32 tensor, :func:`fake_quantize` takes the C++ kernels of
     :mod:`qatlab.quant.fused` instead; this Function is their fallback and their reference
-    (``QATLAB_FUSED_KERNELS=0``), bit for bit below 2^20 elements.
+    (``QATLAB_FUSED_KERNELS=0``): the same output and ``dx`` bit for bit, the step gradient up
+    to float32 rounding (another order of summation).
     """
 
     @staticmethod
