@@ -98,7 +98,7 @@ def test_step_gradient_does_not_depend_on_threads(big):
         three = _run(x, 0.137, -8, 7, g, _EPS)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one[:3], three[:3]):
+    for a, b in zip(one[:3], three[:3], strict=True):
         assert torch.equal(a, b)
 
 
