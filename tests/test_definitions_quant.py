@@ -221,3 +221,95 @@ def test_deep_copy_keeps_the_step_guarded():
     twin = copy.deepcopy(q)
     assert twin.step is not q.step and getattr(twin.step, attr) == "layer.weight_quantizer"
     assert twin.bits == 4 and torch.equal(twin.step, q.step)
+
+
+def _slow(q: Quantizer, x: torch.Tensor, g: torch.Tensor):
+    """Output and gradients of ``q`` on ``x`` through the full path (no plan), and the same
+    through ``forward`` (which settles and then uses the plan): both must agree bitwise."""
+    results = []
+    for call in (q._forward, q.forward, q.forward):
+        xr = x.clone().requires_grad_()
+        if q.step.grad is not None:
+            q.step.grad = None
+        out = call(xr)
+        out.backward(g)
+        step_grad = None if q.step.grad is None else q.step.grad.clone()
+        results.append((out.detach(), xr.grad, step_grad))
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    return results[0]
+
+
+def test_forward_plan_matches_the_full_path_through_every_change():
+    """The fast path (``Quantizer._plan``) is settled from the full one and cleared by every
+    setting it depends on: bits, sign, grid, enabled, role, the gradient-scale switch, a
+    state-dict load, calibration; an input's per-sample shape and a 1-D input's length."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, generator=gen)
+    g = torch.randn(x.shape, generator=gen)
+    q = Quantizer(4, signed=True, role="input")
+    q.initialize(x)
+    assert q._plan is None
+    base = _slow(q, x, g)
+    assert q._plan == (False, torch.Size([3, 5]), True, -8, 7, 1.0 / math.sqrt(15 * 7))
+    _slow(q, x[:2], g[:2])  # another batch size: the same plan
+    assert q._plan[1] == torch.Size([3, 5])
+    wide = torch.randn(4, 3, 6, generator=gen)  # another per-sample shape: another scale
+    _slow(q, wide, torch.ones(wide.shape))
+    assert q._plan[1] == torch.Size([3, 6]) and q._plan[5] == 1.0 / math.sqrt(18 * 7)
+
+    q.set_bits(3)
+    assert q._plan is None
+    three = _slow(q, x, g)
+    assert q._plan[3:5] == (-4, 3) and not torch.equal(three[0], base[0])
+    for name, value in (("grid", "restricted"), ("signed", False), ("use_grad_scale", False)):
+        setattr(q, name, value)
+        assert q._plan is None, name
+        _slow(q, x, g)
+    assert q._plan[3:5] == (0, 7) and q._plan[5] == 1.0  # unsigned, no gradient scale
+    q.role = "weight"  # the whole shape counts now
+    assert q._plan is None
+    _slow(q, x, g)
+    assert q._plan[:2] == (True, x.shape)
+
+    q.enabled = False
+    assert q._plan is None and q(x) is x and q._plan is None
+    q.enabled = True
+    q.start_observing()
+    assert q._plan is None and q(x) is x
+    q.finish_observing()
+    _slow(q, x, g)
+
+    fresh = Quantizer(4, signed=True, role="input")
+    fresh.load_state_dict(q.state_dict())  # bits 3, unsigned, restricted, ready
+    assert fresh._plan is None and fresh._ready is None
+    assert torch.equal(_slow(fresh, x, g)[0], _slow(q, x, g)[0])
+    twin = copy.deepcopy(q)
+    twin.set_bits(8)
+    assert q._plan is not None and twin._plan is None
+
+    vector = Quantizer(4, role="input")  # a 1-D input: the gradient scale counts its length
+    vector.initialize(x.reshape(-1))
+    _slow(vector, x.reshape(-1), g.reshape(-1))
+    assert vector._plan[:2] == (True, torch.Size([60]))
+    _slow(vector, x.reshape(-1)[:30], g.reshape(-1)[:30])
+    assert vector._plan[1] == torch.Size([30]) and vector._plan[5] == 1.0 / math.sqrt(30 * 7)
+
+
+def test_forward_plan_is_not_settled_while_compiling_or_for_other_policies(monkeypatch):
+    x = torch.randn(2, 8)
+    for scale in ("maxabs", "maxabs_ste", "lsq+"):
+        q = Quantizer(4, scale=scale, role="input")
+        q.initialize(x)
+        q(x)
+        assert q._plan is None, scale
+    q = Quantizer(4, scale="minmax", role="input")  # a calibrated buffer step: planned
+    q.initialize(x)
+    want = q(x)
+    assert q._plan[2] is False and torch.equal(q(x), want)
+    q = Quantizer(4, role="input")
+    q.initialize(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q(x)
+    assert q._plan is None

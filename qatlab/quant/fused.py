@@ -60,14 +60,14 @@ def applies(x: Tensor, step: Tensor) -> bool:
 
     Plain: not a tensor subclass (fake or functional tensors of a tracer), not a ``torch.func``
     wrapper, and not inside ``torch.jit.trace``: the C++ loops read raw memory, which none of
-    them could record."""
+    them could record. (Checked on every call: the cheapest tests first.)"""
     return (
-        step.dim() == 0
-        and not torch.jit.is_tracing()
-        and type(x) in _PLAIN
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
+        type(x) in _PLAIN
+        and step.dim() == 0
+        and x.is_cpu
+        and x.dtype is torch.float32
         and x.is_contiguous()
+        and not torch._C._is_tracing()
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and enabled()
     )
@@ -145,9 +145,11 @@ def _load() -> ModuleType | None:
 def fake_quantize(
     x: Tensor, step: Tensor, n: int, p: int, grad_scale: float, floor: float | None
 ) -> Tensor | None:
-    """LSQ fake quantization of ``x`` through the C++ op (call when :func:`applies`); None if
-    the kernels could not be built."""
-    module = _load()
+    """LSQ fake quantization of ``x`` through the C++ op; None where it does not apply
+    (:func:`applies`) or the kernels could not be built (then the caller uses ATen)."""
+    if not applies(x, step):
+        return None
+    module = _module if _module is not None else _load()
     if module is None:
         return None
     return module.fake_quantize(x, step, n, p, grad_scale, math.nan if floor is None else floor)

@@ -24,6 +24,11 @@ INIT_METHODS = ("mse", "meanabs", "minmax", "percentile")
 GRANULARITIES = ("tensor", "channel")
 _EPS = 1e-8
 _MAX_SAMPLES = 1 << 20  # values kept per quantizer while calibrating
+# what Quantizer._plan is computed from: setting any of these clears it
+_PLAN_INPUTS = frozenset(
+    ("enabled", "_observing", "_ready", "policy", "bits", "signed", "grid", "use_grad_scale")
+    + ("role", "step", "per_channel")
+)
 
 
 def check_bits(bits: int) -> int:
@@ -212,10 +217,9 @@ def fake_quantize(
         if floor is not None:
             step = step.clamp_min(floor)
         return _FakeQuantTraceable.apply(x, step, n, p, grad_scale)
-    if fused.applies(x, step):  # per tensor, CPU, float32: the one-pass C++ kernels
-        out = fused.fake_quantize(x, step, n, p, grad_scale, floor)
-        if out is not None:
-            return out
+    out = fused.fake_quantize(x, step, n, p, grad_scale, floor)  # per tensor, CPU, float32
+    if out is not None:
+        return out
     if floor is None:
         return _FakeQuant.apply(x, step, n, p, grad_scale)
     return _FakeQuant.apply(x, step, n, p, grad_scale, floor)
@@ -287,6 +291,10 @@ class Quantizer(nn.Module):
     evaluation data).
     """
 
+    _plan: tuple | None = None
+    """Per-call constants of a settled quantizer (``forward``'s fast path): whether the key is
+    ``x``'s whole shape, the shape key, a learned step?, ``n``, ``p``, the gradient scale."""
+
     def __init__(
         self,
         bits: int = 4,
@@ -352,6 +360,16 @@ class Quantizer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        plan = self._plan
+        if plan is not None:  # the settled per-call constants: no lookups but these
+            whole, shape, learned, n, p, scale = plan
+            if (x.shape if whole else x.shape[1:]) == shape:
+                step = self._parameters["step"] if learned else self._buffers["step"]
+                return fake_quantize(x, step, n, p, scale, _EPS)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """``forward`` in full: every setting read; settles :attr:`_plan` where it can."""
         if not self.enabled:
             return x
         if self._observing:
@@ -378,8 +396,20 @@ class Quantizer(nn.Module):
         if policy == "lsq+":
             scale = self._grad_scale(x, p)
             return fake_quantize(x - self.offset, step, n, p, scale, _EPS) + self.offset
-        scale = self._grad_scale(x, p) if policy == "lsq" and step.requires_grad else 1.0
+        # LSQ's gradient scale (it only reaches a step that has a gradient)
+        scale = self._grad_scale(x, p) if policy == "lsq" else 1.0
+        if not torch.compiler.is_compiling():
+            # the scale counts a weight's every element, an input's per sample (if it has a
+            # batch axis): the shape it was computed for is part of the plan
+            whole = self.role == "weight" or x.dim() < 2
+            shape = x.shape if whole else x.shape[1:]
+            self._plan = (whole, shape, policy == "lsq", n, p, scale)
         return fake_quantize(x, step, n, p, scale, _EPS)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _PLAN_INPUTS:  # a setting the plan depends on: settle it again
+            self.__dict__["_plan"] = None
+        super().__setattr__(name, value)
 
     def current_step(self, x: Tensor | None = None, grad: bool = False) -> Tensor:
         """The step size in use (max-abs policies compute it from ``x``; never below 1e-8).
