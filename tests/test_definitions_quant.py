@@ -224,21 +224,22 @@ def test_deep_copy_keeps_the_step_guarded():
 
 
 def _slow(q: Quantizer, x: torch.Tensor, g: torch.Tensor):
-    """Output and gradients of ``q`` on ``x`` through the full path (no plan), and the same
-    through ``forward`` (which settles and then uses the plan): both must agree bitwise."""
+    """Output and gradients of ``q`` on ``x`` through ``forward`` (a plan settled on earlier
+    calls, maybe for another shape, is what it meets first), twice, and through the full path
+    (``_forward``) of a deep copy: all three must agree bitwise. Returns the full path's."""
+    reference = copy.deepcopy(q)
     results = []
-    for call in (q._forward, q.forward, q.forward):
+    for quantizer, call in ((q, q.forward), (q, q.forward), (reference, reference._forward)):
         xr = x.clone().requires_grad_()
-        if q.step.grad is not None:
-            q.step.grad = None
+        quantizer.step.grad = None
         out = call(xr)
         out.backward(g)
-        step_grad = None if q.step.grad is None else q.step.grad.clone()
+        step_grad = None if quantizer.step.grad is None else quantizer.step.grad.clone()
         results.append((out.detach(), xr.grad, step_grad))
-    for got in results[1:]:
-        for a, b in zip(got, results[0], strict=True):
+    for got in results[:2]:
+        for a, b in zip(got, results[2], strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
-    return results[0]
+    return results[2]
 
 
 def test_forward_plan_matches_the_full_path_through_every_change():
@@ -313,3 +314,28 @@ def test_forward_plan_is_not_settled_while_compiling_or_for_other_policies(monke
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     q(x)
     assert q._plan is None
+
+
+def test_a_settled_plan_is_used_for_the_same_shape_only(monkeypatch):
+    """The fast path really runs (else the speed work of issue 22 silently goes): once
+    settled, ``_forward`` is called again only for a shape the plan was not made for: an
+    input's per-sample shape (any batch size, 2-D and 3-D inputs), a weight's whole shape."""
+    full_calls = []
+    full = Quantizer._forward
+    monkeypatch.setattr(
+        Quantizer, "_forward", lambda self, x: full_calls.append(tuple(x.shape)) or full(self, x)
+    )
+    for role, first, same, other in (
+        ("input", (4, 3, 5), (2, 3, 5), (4, 3, 6)),
+        ("input", (4, 6), (7, 6), (4, 5)),
+        ("weight", (4, 3, 5), (4, 3, 5), (2, 3, 5)),
+        ("input", (9,), (9,), (8,)),
+    ):
+        q = Quantizer(4, role=role)
+        q.initialize(torch.randn(first))
+        full_calls.clear()
+        q(torch.randn(first))
+        q(torch.randn(same))
+        assert full_calls == [first], (role, first)
+        q(torch.randn(other))
+        assert full_calls == [first, other], (role, other)
