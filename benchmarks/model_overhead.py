@@ -61,8 +61,10 @@ KINDS = ("float", "qatlab", "ao-qat", "ao-lsq")
 # three that take qatlab's overhead apart: "qatlab-off" (quantizers disabled: the wrappers
 # alone), "qatlab-wonly" (weights quantized, activations float: act_bits=None) and
 # "qatlab-identity" (every fake_quantize call replaced by an autograd Function that returns a
-# copy of its input: the cost of a Function per call and one pass, without the quantizer's math)
-DECOMPOSITION = ("qatlab-off", "qatlab-wonly", "qatlab-identity")
+# copy of its input: the cost of a Function per call and one pass, without the quantizer's math);
+# and "qatlab-fullpath", the qatlab model with every Quantizer call taking the full path
+# (Quantizer._forward, no settled plan): an A/B of the plan
+DECOMPOSITION = ("qatlab-off", "qatlab-wonly", "qatlab-identity", "qatlab-fullpath")
 
 
 class _Copy(torch.autograd.Function):
@@ -92,6 +94,17 @@ class _IdentityQuantizers:
         quantizer.fake_quantize = self.saved
 
 
+class _FullPath:
+    """Every ``Quantizer`` call through ``Quantizer._forward`` (no plan) in a with block."""
+
+    def __enter__(self) -> None:
+        self.saved = quantizer.Quantizer.forward
+        quantizer.Quantizer.forward = quantizer.Quantizer._forward
+
+    def __exit__(self, *exc) -> None:
+        quantizer.Quantizer.forward = self.saved
+
+
 class _AtenPasses:
     """``QATLAB_FUSED_KERNELS=0`` for the duration of a with block."""
 
@@ -108,12 +121,16 @@ class _AtenPasses:
 
 def step_fn(kind: str, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
     """One SGD step of variant ``kind`` (``qatlab-aten``: with the fused kernels off;
-    ``qatlab-identity``: with copies in place of the quantizers)."""
+    ``qatlab-identity``: with copies in place of the quantizers; ``qatlab-fullpath``: without
+    the quantizers' settled plans)."""
     if kind == "qatlab-aten":
         with _AtenPasses():
             return sgd_step(model, opt, x, y)
     if kind == "qatlab-identity":
         with _IdentityQuantizers():
+            return sgd_step(model, opt, x, y)
+    if kind == "qatlab-fullpath":
+        with _FullPath():
             return sgd_step(model, opt, x, y)
     return sgd_step(model, opt, x, y)
 
